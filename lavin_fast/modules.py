@@ -1,0 +1,120 @@
+"""The trainable pieces of LaVIN as drop-in modules, with the reference's state-dict names.
+
+`MMAdapter` loads a reference `RepAdapter_Router` state dict strictly; `VisualNeck` loads the
+reference `adapter_proj` (activation="silu"). Both pick their backend through `lavin_fast.ops`.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lavin_fast import ops, reference
+
+
+class MMAdapter(nn.Module):
+    """Mixture-of-Modality adapter: a shared down-projection, two routed up-projections.
+
+        w = softmax(expert_weights(x[:, 0]) / temperature)          (unless `weights` is given)
+        y = x + scale * (w_0 * conv_B(h) + w_1 * conv_D(h)),  h = dropout(conv_A(x))
+
+    Identity at initialisation (both up-projections start at zero). The state dict is exactly
+    the reference's: conv_A.weight [hidden, dim, 1], conv_A.bias [hidden], conv_B.weight and
+    conv_D.weight [dim, hidden/groups, 1], conv_B.bias and conv_D.bias [dim],
+    expert_weights.weight [2, dim], expert_weights.bias [2]. `scale` and `temperature` are not in
+    it (the reference does not store them); `lavin_fast` adapter files keep them as metadata.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int = 8,
+        groups: int = 2,
+        scale: float = 1.0,
+        temperature: float = 10.0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if dim % groups or hidden_dim % groups:
+            raise ValueError(
+                f"MMAdapter: dim ({dim}) and hidden_dim ({hidden_dim}) must be divisible by groups ({groups})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MMAdapter: dropout must be in [0, 1), got {dropout}")
+        self.dim, self.hidden_dim, self.groups = dim, hidden_dim, groups
+        self.scale, self.temperature, self.dropout = scale, temperature, dropout
+        self.conv_A = nn.Conv1d(dim, hidden_dim, 1)
+        self.conv_B = nn.Conv1d(hidden_dim, dim, 1, groups=groups)
+        self.conv_D = nn.Conv1d(hidden_dim, dim, 1, groups=groups)
+        self.expert_weights = nn.Linear(dim, 2)
+        self.last_routing: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: xavier-uniform down-projection, everything else of conv_* zero."""
+        nn.init.xavier_uniform_(self.conv_A.weight)
+        nn.init.zeros_(self.conv_A.bias)
+        for conv in (self.conv_B, self.conv_D):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.expert_weights.reset_parameters()
+
+    def route(self, x0: Tensor) -> Tensor:
+        """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
+        return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
+
+    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
+        gradient). The weights used are kept, detached, in `self.last_routing`."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
+        if weights is None:
+            weights = self.route(x[:, 0])
+        self.last_routing = weights.detach()
+        return ops.mm_adapter(
+            x,
+            self.conv_A.weight, self.conv_A.bias,
+            self.conv_B.weight, self.conv_B.bias,
+            self.conv_D.weight, self.conv_D.bias,
+            weights,
+            groups=self.groups,
+            scale=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, groups={self.groups}, "
+                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")
+
+
+class VisualNeck(nn.Module):
+    """Maps the ViT's CLS features [..., in_dim] to the LLM's width [..., out_dim].
+
+    activation="silu": the reference's `Linear -> SiLU -> Linear`; state dict conv_A.weight
+    [hidden, in], conv_A.bias [hidden], conv_B.weight [out, hidden], conv_B.bias [out].
+    activation="swiglu": the paper's Eq. 6 as a gated unit, y = conv_B(silu(g) * v) with
+    [g; v] = conv_A(x): conv_A.weight is [2 * hidden, in], gate rows first, then value rows.
+    Init as the reference: xavier-uniform weights, zero biases.
+    """
+
+    def __init__(self, in_dim: int = 1024, hidden_dim: int = 128, out_dim: int = 4096,
+                 activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in ("silu", "swiglu"):
+            raise ValueError(f"VisualNeck: activation must be 'silu' or 'swiglu', got {activation!r}")
+        self.in_dim, self.hidden_dim, self.out_dim, self.activation = in_dim, hidden_dim, out_dim, activation
+        self.conv_A = nn.Linear(in_dim, hidden_dim * (2 if activation == "swiglu" else 1))
+        self.conv_B = nn.Linear(hidden_dim, out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.conv_A, self.conv_B):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in_dim] -> [..., out_dim]."""
+        return ops.visual_neck(x, self.conv_A.weight, self.conv_A.bias,
+                               self.conv_B.weight, self.conv_B.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, out_dim={self.out_dim}, "
+                f"activation={self.activation!r}")

@@ -1,0 +1,171 @@
+"""Functional API of the fused ops, and the choice of backend.
+
+`LAVIN_FAST_BACKEND` picks the implementation, read at every call:
+- `auto` (default): the Triton kernels for CUDA tensors of a dtype they support, the PyTorch
+  reference otherwise;
+- `triton`: always the kernels (on CPU tensors this needs `TRITON_INTERPRET=1` set before
+  lavin_fast is imported: Triton reads it when the kernels are defined);
+- `torch`: always the PyTorch reference (`lavin_fast.reference`).
+
+Inputs are checked here, once, for both backends: a wrong shape, dtype or device is a
+`ValueError` naming the tensor, never a broadcast that silently computes something else.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lavin_fast import reference
+
+BACKEND_ENV = "LAVIN_FAST_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # missing, or broken on this platform
+        return False
+    return True
+
+
+def select_backend(x: Tensor) -> str:
+    """The backend ('triton' or 'torch') that will run an op on `x`, per `LAVIN_FAST_BACKEND`."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        usable = x.is_cuda and x.dtype in KERNEL_DTYPES and _triton_available()
+        return "triton" if usable else "torch"
+    if choice == "triton":
+        if not _triton_available():
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton cannot be imported")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 in the "
+                "environment before lavin_fast is imported (Triton's CPU interpreter)"
+            )
+    return choice
+
+
+def _expect_shape(op: str, name: str, tensor: Tensor, shape: Sequence[int]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def _expect_same_device(op: str, x: Tensor, **tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
+
+
+def _expect_floating(op: str, **tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def mm_adapter(
+    x: Tensor,
+    conv_A_weight: Tensor,
+    conv_A_bias: Tensor,
+    conv_B_weight: Tensor,
+    conv_B_bias: Tensor,
+    conv_D_weight: Tensor,
+    conv_D_bias: Tensor,
+    routing: Tensor,
+    *,
+    groups: int = 2,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+) -> Tensor:
+    """The MM-Adapter on tensors held by the caller, in the reference's parameter shapes.
+
+    x: [B, N, d]; conv_A_weight [r, d, 1], conv_A_bias [r]; conv_B_weight and conv_D_weight
+    [d, r/groups, 1] (grouped 1x1 convolutions), their biases [d]; routing [B, 2] (e.g. from
+    `reference.route`). `dropout` is the probability of zeroing a hidden unit (0 in eval).
+    Returns y [B, N, d] in x's dtype; differentiable in x, every weight and `routing`.
+    """
+    op = "mm_adapter"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [batch, tokens, dim], got shape {tuple(x.shape)}")
+    batch, tokens, dim = x.shape
+    if conv_A_weight.dim() != 3:
+        raise ValueError(f"{op}: conv_A_weight must be [hidden, dim, 1], got {tuple(conv_A_weight.shape)}")
+    hidden = conv_A_weight.shape[0]
+    if groups < 1 or dim % groups or hidden % groups:
+        raise ValueError(
+            f"{op}: dim ({dim}) and hidden ({hidden}) must both be divisible by groups ({groups})"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{op}: dropout must be in [0, 1), got {dropout}")
+    _expect_shape(op, "conv_A_weight", conv_A_weight, (hidden, dim, 1))
+    _expect_shape(op, "conv_A_bias", conv_A_bias, (hidden,))
+    for name, weight, bias in (("conv_B", conv_B_weight, conv_B_bias), ("conv_D", conv_D_weight, conv_D_bias)):
+        _expect_shape(op, f"{name}_weight", weight, (dim, hidden // groups, 1))
+        _expect_shape(op, f"{name}_bias", bias, (dim,))
+    _expect_shape(op, "routing", routing, (batch, 2))
+    tensors = dict(
+        conv_A_weight=conv_A_weight, conv_A_bias=conv_A_bias, conv_B_weight=conv_B_weight,
+        conv_B_bias=conv_B_bias, conv_D_weight=conv_D_weight, conv_D_bias=conv_D_bias,
+        routing=routing,
+    )
+    _expect_floating(op, x=x, **tensors)
+    _expect_same_device(op, x, **tensors)
+
+    down_weight = conv_A_weight.squeeze(-1)                                       # [r, d]
+    up_weight = torch.stack([reference.grouped_to_dense(conv_B_weight, groups),
+                             reference.grouped_to_dense(conv_D_weight, groups)])  # [2, d, r]
+    up_bias = torch.stack([conv_B_bias, conv_D_bias])                             # [2, d]
+
+    if select_backend(x) == "triton":
+        from lavin_fast.kernels.mm_adapter import mm_adapter as fused
+
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout > 0 else 0
+        return fused(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, dropout, seed)
+    mask = None
+    if dropout > 0:
+        keep = torch.empty(batch, tokens, hidden, device=x.device).bernoulli_(1.0 - dropout)
+        mask = keep / (1.0 - dropout)
+    return reference.mm_adapter(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, mask)
+
+
+def visual_neck(
+    x: Tensor,
+    in_weight: Tensor,
+    in_bias: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    activation: str = "silu",
+) -> Tensor:
+    """The visual neck on tensors held by the caller (see `reference.visual_neck` for the math).
+
+    x: [..., d_in]; in_weight [h, d_in] (silu) or [2h, d_in] (swiglu); in_bias matching;
+    out_weight [d_out, h]; out_bias [d_out]. Returns [..., d_out] in x's dtype.
+    """
+    op = "visual_neck"
+    if activation not in ("silu", "swiglu"):
+        raise ValueError(f"{op}: activation must be 'silu' or 'swiglu', got {activation!r}")
+    if x.dim() < 1 or in_weight.dim() != 2 or out_weight.dim() != 2:
+        raise ValueError(
+            f"{op}: expected x [..., d_in], in_weight [h, d_in], out_weight [d_out, h]; got "
+            f"{tuple(x.shape)}, {tuple(in_weight.shape)}, {tuple(out_weight.shape)}"
+        )
+    out_dim, hidden = out_weight.shape
+    in_rows = hidden * (2 if activation == "swiglu" else 1)
+    _expect_shape(op, "in_weight", in_weight, (in_rows, x.shape[-1]))
+    _expect_shape(op, "in_bias", in_bias, (in_rows,))
+    _expect_shape(op, "out_bias", out_bias, (out_dim,))
+    tensors = dict(in_weight=in_weight, in_bias=in_bias, out_weight=out_weight, out_bias=out_bias)
+    _expect_floating(op, x=x, **tensors)
+    _expect_same_device(op, x, **tensors)
+
+    if select_backend(x) == "triton":
+        from lavin_fast.kernels.visual_neck import visual_neck as fused
+
+        return fused(x, in_weight, in_bias, out_weight, out_bias, activation)
+    return reference.visual_neck(x, in_weight, in_bias, out_weight, out_bias, activation)
