@@ -3,7 +3,7 @@
 The Triton sources live in the top-level ``kernels/`` folder (the layout agreed with our users)
 and are installed inside the package namespace as ``lavin_fast.kernels``.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="lavin_fast",
@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lavin_fast", "lavin_fast.models", "lavin_fast.kernels"],
+    packages=find_packages(include=["lavin_fast", "lavin_fast.*"]) + ["lavin_fast.kernels"],
     package_dir={"lavin_fast": "lavin_fast", "lavin_fast.kernels": "kernels"},
     install_requires=[
         # A range, not a pin: GPU users keep the CUDA build they already have.

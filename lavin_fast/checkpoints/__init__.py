@@ -1,0 +1,1 @@
+"""Loading real checkpoints: Meta / Hugging Face LLaMA, OpenAI / Hugging Face CLIP, adapters."""

@@ -1,0 +1,1 @@
+"""The models LaVIN is built from: LLaMA, CLIP ViT, attention, and LaVIN itself."""
