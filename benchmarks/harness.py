@@ -1,0 +1,128 @@
+"""What every benchmark here shares: timing, the copy-bandwidth ceiling, peak memory, and
+results written as CSV + markdown + PNG with the device, date, commit and versions.
+
+Timing follows ENGINEERING.md: CUDA events through `triton.testing.do_bench` (median, after
+warm-up) on a GPU; on a CPU (`--quick`, which only proves the scripts run) a median of
+wall-clock repeats. Numbers are never asserted anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout as well
+from lavin_fast.io import atomic_write, atomic_write_text  # noqa: E402
+
+
+def parse_args(description: str, default_out: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on any device: proves the script runs")
+    parser.add_argument("--out", default=default_out, help="folder for the CSV, markdown and PNG")
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
+    return parser.parse_args()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment() -> dict[str, str]:
+    """Where and when the numbers were taken."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda or "none"}
+
+
+def time_ms(fn: Callable[[], object], quick: bool = False) -> float:
+    """Median milliseconds of one call of `fn`."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100 if not quick else 20, return_mode="median"))
+    fn()                                             # warm-up (and compilation, if any)
+    samples = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(nbytes: int, quick: bool = False) -> float:
+    """Measured device-memory bandwidth of a large copy, counting bytes read plus written."""
+    n = max(1, nbytes // 2)
+    src = torch.randn(n, device=device()).to(torch.float16)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), quick)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory (MiB) allocated while `fn` runs; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _markdown(rows: Sequence[dict], meta: dict[str, str], title: str) -> str:
+    columns = list(rows[0])
+    head = [f"# {title}", "", " | ".join(f"{k}: {v}" for k, v in meta.items()), "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    return "\n".join(head + ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]) + "\n"
+
+
+def write_results(rows: Sequence[dict], out: str | Path, name: str, title: str,
+                  plot: Callable[[dict[str, str]], object] | None = None) -> dict[str, str]:
+    """Write out/name.csv, out/name.md (with the environment on top) and, with `plot` (the
+    environment -> a matplotlib figure), out/name.png."""
+    out = Path(out)
+    meta = environment()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(meta) + list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**meta, **row})
+    atomic_write_text(out / f"{name}.csv", buffer.getvalue())
+    atomic_write_text(out / f"{name}.md", _markdown(rows, meta, title))
+    if plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig = plot(meta)
+        atomic_write(out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        plt.close(fig)
+    print(_markdown(rows, meta, title))
+    return meta
