@@ -70,20 +70,20 @@ def _hf_model(act: str = "quick_gelu", width: int = 64, heads: int = 2, layers: 
 def _hf_cls(model, images: torch.Tensor) -> list[torch.Tensor]:
     """CLS token entering the encoder (index 0) and after each block k (index k).
 
-    Checked, not assumed: transformers records hidden_states as the input of the first layer
-    followed by each layer's output; the forward hooks below see the same tensors."""
-    outputs, hooked = [], []
-    handles = [layer.register_forward_hook(lambda _m, _i, out: hooked.append(out[0] if isinstance(out, tuple) else out))
-               for layer in _trunk(model).encoder.layers]
+    Checked, not assumed: transformers' hidden_states are pre_layrnorm's output followed by
+    each encoder layer's output, which forward hooks on those modules see independently."""
+    trunk, hooked = _trunk(model), []
+    modules = [trunk.pre_layrnorm, *trunk.encoder.layers]
+    handles = [module.register_forward_hook(
+        lambda _m, _i, out: hooked.append(out[0] if isinstance(out, tuple) else out)) for module in modules]
     with torch.no_grad():
         states = model(pixel_values=images, output_hidden_states=True).hidden_states
     for handle in handles:
         handle.remove()
-    assert len(states) == len(_trunk(model).encoder.layers) + 1
-    for k, out in enumerate(hooked, start=1):
-        torch.testing.assert_close(states[k], out, rtol=0, atol=0)
-    outputs = [state[:, 0] for state in states]
-    return outputs
+    assert len(states) == len(hooked) == len(modules)
+    for state, out in zip(states, hooked):
+        torch.testing.assert_close(state, out, rtol=0, atol=0)
+    return [state[:, 0] for state in states]
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
@@ -340,6 +340,9 @@ def test_bf16_error_within_twice_pytorch(openai_clip, openai_files, device):
     (lambda sd: sd.pop("visual.transformer.resblocks.2.attn.in_proj_weight"),
      "visual.transformer.resblocks.2.attn.in_proj_weight"),
     (lambda sd: sd.__setitem__("visual.adapter.weight", torch.zeros(3)), "visual.adapter.weight"),
+    # only the known unused names are dropped: a text-tower-like stranger is still refused
+    (lambda sd: sd.__setitem__("transformer.resblocks.0.attn.bias_k", torch.zeros(3)),
+     "transformer.resblocks.0.attn.bias_k"),
     (lambda sd: sd.__setitem__("visual.transformer.resblocks.1.ln_3.weight", torch.zeros(128)),
      "visual.transformer.resblocks.1.ln_3.weight"),
     (lambda sd: sd.__setitem__("visual.ln_pre.weight", torch.zeros(64)), "visual.ln_pre.weight: checkpoint (64,)"),
