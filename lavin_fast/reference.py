@@ -27,10 +27,11 @@ def route(x0: Tensor, weight: Tensor, bias: Tensor, temperature: float) -> Tenso
     """Routing weights of the MM-Adapter: w = softmax((x0 W^T + b) / t).
 
     x0: [B, d] (the modality token, or the CLS token in the ViT); weight [E, d]; bias [E].
-    Returns [B, E] in float32 whatever the input dtype (the reference casts to fp16 instead; fp32
-    keeps the two weights summing to one).
+    Returns [B, E] in float32 for any lower-precision input (the reference casts to fp16 instead;
+    fp32 keeps the two weights summing to one), in float64 for float64 input (the oracle).
     """
-    logits = F.linear(x0.float(), weight.float(), bias.float())
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    logits = F.linear(x0.to(dtype), weight.to(dtype), bias.to(dtype))
     return torch.softmax(logits / temperature, dim=-1)
 
 
