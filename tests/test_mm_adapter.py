@@ -1,0 +1,547 @@
+"""The fused MM-Adapter (kernels/mm_adapter.py), the module `lavin_fast.MMAdapter`, the functional
+`lavin_fast.mm_adapter` and the backend switch, judged against float64 oracles.
+
+Two oracles: `reference.mm_adapter` (dense form) for the kernel entry, and the reference code's
+own formulation (grouped `Conv1d` modules over [B, d, N]) for the module, which also checks
+that the dense gradients land on the right grouped blocks. Rule: `helpers.assert_close_to_oracle`
+(kernel error <= 2x PyTorch's error in the same dtype + a rounding step or two, see
+ROW_SUM_ULPS). On CPU the kernels run in Triton's interpreter; with CUDA everything runs on
+the GPU, and bf16 and LLaMA-sized shapes join.
+"""
+import contextlib
+import copy
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_close_to_oracle, requires_cuda
+from lavin_fast import MMAdapter, mm_adapter, reference, select_backend
+from lavin_fast.kernels import mm_adapter as kernel
+from lavin_fast.kernels._alloc import empty
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+GRAD_NAMES = ("x", "routing", "down_weight", "down_bias", "up_weight", "up_bias")
+# The rounding allowance (helpers.assert_close_to_oracle): 1 step for y and dx, 2 for the
+# gradients summed over all rows (added up in another order by design: row blocks, row groups,
+# host sums), each step relative to the size of the terms, from the reference run on absolute
+# values. 500 random fp32 problems needed at most 0.7 of a step.
+ROW_SUM_ULPS = 2
+
+
+def ulps(name):
+    return 1 if name in ("y", "x") else ROW_SUM_ULPS
+
+
+@contextlib.contextmanager
+def backend(name):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAVIN_FAST_BACKEND", name)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel entry against reference.mm_adapter
+# ----------------------------------------------------------------------------------------------
+
+def make_problem(batch, tokens, dim, hidden, dtype, seed, layout="contiguous"):
+    """Random inputs as a user holds them: x and dy in `dtype` (with the drawn memory layout),
+    parameters and routing in fp32, up-projections non-zero so every gradient is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(DEVICE)
+
+    def activation():
+        if layout == "sequence_first":   # the ViT's [N, B, d] storage, seen as [B, N, d]
+            return randn(tokens, batch, dim).to(dtype).transpose(0, 1)
+        if layout == "strided":          # every other channel of a wider tensor
+            return randn(batch, tokens, 2 * dim).to(dtype)[..., ::2]
+        return randn(batch, tokens, dim).to(dtype)
+
+    params = dict(
+        x=activation(),
+        routing=torch.softmax(randn(batch, 2, std=2.0), dim=-1),
+        down_weight=randn(hidden, dim, std=dim ** -0.5),
+        down_bias=randn(hidden, std=0.5),
+        up_weight=randn(2, dim, hidden, std=hidden ** -0.5),
+        up_bias=randn(2, dim, std=0.5),
+    )
+    return params, activation()
+
+
+def reference_run(params, dy, scale, mask, dtype=None):
+    """reference.mm_adapter forward + backward; dtype=float64 for the oracle, None for the
+    baseline (the plain op in the inputs' own dtypes)."""
+    leaves = {k: (v.to(dtype) if dtype else v).detach().requires_grad_() for k, v in params.items()}
+    m = None if mask is None else mask.to(dtype or torch.float32)
+    y = reference.mm_adapter(*leaves.values(), scale, m)
+    y.backward(dy.to(dtype) if dtype else dy)
+    return y, {k: v.grad for k, v in leaves.items()}
+
+
+def assert_matches_reference(params, dy, scale, p, seed, y, grads):
+    mask = kernel.dropout_mask(seed, *params["x"].shape[:2], params["down_bias"].shape[0], p, DEVICE) if p else None
+    y64, grads64 = reference_run(params, dy, scale, mask, torch.float64)
+    y_base, grads_base = reference_run(params, dy, scale, mask)
+    y_abs, grads_abs = reference_run({k: v.abs() for k, v in params.items()}, dy.abs(), scale, mask, torch.float64)
+    assert y.dtype == params["x"].dtype
+    assert_close_to_oracle("y", y, y64, y_base, magnitude=y_abs.max().item())
+    for name in GRAD_NAMES:
+        assert grads[name].dtype == params[name].dtype, name
+        assert_close_to_oracle(f"d {name}", grads[name], grads64[name], grads_base[name], ulps=ulps(name),
+                               magnitude=grads_abs[name].max().item())
+
+
+def at_least(examples):
+    """More examples than the CI profile's default where a test is cheap; never fewer than the
+    profile asks for (the GPU profile's are many)."""
+    return settings(max_examples=max(examples, settings().max_examples))
+
+
+# LLaMA-sized rows join on a GPU, where they are cheap.
+BIG = torch.cuda.is_available()
+shapes = dict(
+    batch=st.integers(1, 3),
+    tokens=st.sampled_from([1, 2, 5, 17, 33] + ([512] if BIG else [])),
+    dim=st.sampled_from([3, 16, 40, 130, 1000] + ([4096, 5120] if BIG else [])),
+    hidden=st.sampled_from([4, 8, 12, 16]),
+    scale=st.floats(0.05, 4.0),
+    seed=st.integers(0, 2**31 - 2),
+)
+
+
+@at_least(30)
+@given(**shapes, dtype=st.sampled_from(DTYPES), p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+       layout=st.sampled_from(["contiguous", "contiguous", "sequence_first", "strided"]))
+def test_kernel_forward_and_every_gradient_match_the_reference(batch, tokens, dim, hidden, scale, seed,
+                                                               dtype, p, layout):
+    params, dy = make_problem(batch, tokens, dim, hidden, dtype, seed, layout)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    y = kernel.mm_adapter(*leaves.values(), scale, p, seed)
+    y.backward(dy)
+    assert_matches_reference(params, dy, scale, p, seed, y, {k: v.grad for k, v in leaves.items()})
+
+
+@at_least(12)
+@given(**shapes, block_m=st.sampled_from([16, 32]), block_d=st.sampled_from([16, 32, 128]),
+       block_d_cols=st.sampled_from([16, 32, 64]), programs=st.sampled_from([None, 1, 2]),
+       row_groups=st.sampled_from([1, 2, 5]), p=st.sampled_from([0.0, 0.3]))
+def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidden, scale, seed, block_m, block_d,
+                                                       block_d_cols, programs, row_groups, p):
+    params, dy = make_problem(batch, tokens, dim, hidden, torch.float32, seed)
+    y, hd = kernel.mm_adapter_forward(*params.values(), scale, p, seed, block_m=block_m, block_d=block_d,
+                                      programs=programs)
+    x, routing, down_weight, _, up_weight, up_bias = params.values()
+    outputs = kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, p, seed,
+                                         block_m=block_m, block_d_rows=block_d, block_d_cols=block_d_cols,
+                                         row_groups=row_groups)
+    assert_matches_reference(params, dy, scale, p, seed, y, dict(zip(GRAD_NAMES, outputs)))
+
+
+@requires_cuda
+@at_least(40)
+@given(**shapes, p=st.sampled_from([0.0, 0.1]))
+def test_kernel_bf16_on_gpu(batch, tokens, dim, hidden, scale, seed, p):
+    params, dy = make_problem(batch, tokens, dim, hidden, torch.bfloat16, seed)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    y = kernel.mm_adapter(*leaves.values(), scale, p, seed)
+    y.backward(dy)
+    assert_matches_reference(params, dy, scale, p, seed, y, {k: v.grad for k, v in leaves.items()})
+
+
+def test_a_broadcast_upstream_gradient_is_read_through_its_strides():
+    """y.sum().backward() hands the backward an expanded dy whose strides are all 0."""
+    params, _ = make_problem(2, 5, 40, 8, torch.float32, seed=3)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    kernel.mm_adapter(*leaves.values(), 1.5, 0.0, 0).sum().backward()
+    dy = torch.ones_like(params["x"])
+    assert_matches_reference(params, dy, 1.5, 0.0, 0, kernel.mm_adapter(*params.values(), 1.5, 0.0, 0),
+                             {k: v.grad for k, v in leaves.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------
+
+def test_dropout_mask_keeps_the_right_fraction_and_follows_the_seed():
+    batch, tokens, hidden = 8, 512, 16                  # 65,536 draws: 5 sigma is under 0.01
+    for p in (0.1, 0.5):
+        mask = kernel.dropout_mask(7, batch, tokens, hidden, p, DEVICE)
+        assert mask.shape == (batch, tokens, hidden)
+        kept = mask != 0
+        assert torch.equal(mask[kept], torch.full_like(mask[kept], 1.0 / (1.0 - p)))
+        n = mask.numel()
+        assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+        small = kernel.dropout_mask(7, 2, 5, hidden, p, DEVICE)
+        assert torch.equal(small, mask.view(-1, hidden)[:10].view(2, 5, hidden))   # offset row * r + unit
+        assert torch.equal(small, kernel.dropout_mask(7, 2, 5, hidden, p, DEVICE))
+        assert not torch.equal(small, kernel.dropout_mask(8, 2, 5, hidden, p, DEVICE))
+    # rows are independent draws: no two rows of one call share a pattern more than chance allows
+    rows = kernel.dropout_mask(1, 1, 512, 16, 0.5, DEVICE)[0] != 0
+    assert rows.unique(dim=0).shape[0] > 500
+
+
+def test_dropout_in_the_kernel_changes_y_and_replays_in_the_backward():
+    """p > 0 against the reference fed the exported mask (y and every gradient), and p = 0 against
+    no dropout at all."""
+    params, dy = make_problem(2, 9, 130, 8, torch.float32, seed=11)
+    for p, seed in ((0.25, 5), (0.0, 5)):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        y = kernel.mm_adapter(*leaves.values(), 1.0, p, seed)
+        y.backward(dy)
+        assert_matches_reference(params, dy, 1.0, p, seed, y, {k: v.grad for k, v in leaves.items()})
+    no_dropout = kernel.mm_adapter(*params.values(), 1.0, 0.0, 5)
+    assert not torch.equal(kernel.mm_adapter(*params.values(), 1.0, 0.25, 5), no_dropout)
+
+
+def test_module_dropout_zero_in_training_equals_eval_and_p_draws_a_fresh_mask_per_call():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    with backend("triton"):
+        module = randomized(MMAdapter(32, dropout=0.0)).to(DEVICE)
+        assert torch.equal(module.train()(x), module.eval()(x))
+        module.dropout = 0.3
+        module.train()
+        torch.manual_seed(1)
+        first = module(x)
+        torch.manual_seed(1)
+        assert torch.equal(module(x), first)          # the seed comes from torch's generator
+        assert not torch.equal(module(x), first)      # and is fresh at every call
+        assert not torch.equal(first, module.eval()(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Module and functional form against the reference code's grouped-Conv1d formulation
+# ----------------------------------------------------------------------------------------------
+
+def randomized(module, seed=0):
+    """Non-zero up-projections and biases (the init is zero, which would hide gradients)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.parameters():
+            std = tensor[0].numel() ** -0.5 if tensor.dim() > 1 else 0.5    # 1/sqrt(fan_in) for weights
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+    return module
+
+
+def conv_reference(module, x, weights=None, logits=None):
+    """The reference code's forward, written with the module's own Conv1d layers over [B, d, N]
+    (conv_B/conv_D grouped): independent of lavin_fast's dense block-diagonal form. `logits`, a
+    list, receives the router's logits (with their gradient retained)."""
+    if weights is None:
+        z = module.expert_weights(x[:, 0])
+        if logits is not None:
+            z.retain_grad()
+            logits.append(z)
+        weights = torch.softmax(z / module.temperature, dim=-1)
+    h = module.conv_A(x.transpose(1, 2))
+    routed = (module.conv_B(h) * weights[:, 0, None, None] + module.conv_D(h) * weights[:, 1, None, None])
+    return x + module.scale * routed.transpose(1, 2)
+
+
+def module_run(module, x, dy, weights, forward):
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    w = None if weights is None else weights.detach().requires_grad_()
+    y = forward(module, x, w)
+    y.backward(dy)
+    grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad
+    if w is not None:
+        grads["weights"] = w.grad
+    return y, grads
+
+
+@st.composite
+def module_configs(draw):
+    groups = draw(st.sampled_from([1, 2]))
+    dims = [6, 64, 130, 1000] + ([7, 333] if groups == 1 else [])
+    return dict(groups=groups, dim=draw(st.sampled_from(dims)), hidden_dim=draw(st.sampled_from([8, 16])),
+                scale=draw(st.floats(0.1, 2.0)), temperature=draw(st.floats(0.5, 20.0)))
+
+
+@at_least(25)
+@given(config=module_configs(), batch=st.integers(1, 3), tokens=st.sampled_from([1, 4, 19]),
+       router=st.booleans(), functional=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_module_and_functional_match_the_conv_reference(config, batch, tokens, router, functional, dtype, seed):
+    torch.manual_seed(seed)
+    module = randomized(MMAdapter(**config), seed).to(DEVICE).eval()
+    x = torch.randn(batch, tokens, config["dim"], device=DEVICE).to(dtype)
+    dy = torch.randn(batch, tokens, config["dim"], device=DEVICE).to(dtype)
+    weights = None if router else torch.softmax(torch.randn(batch, 2, device=DEVICE), dim=-1)
+
+    def lavin_forward(m, x, w):
+        if not functional:
+            return m(x, w)
+        w = m.route(x[:, 0]) if w is None else w
+        return mm_adapter(x, m.conv_A.weight, m.conv_A.bias, m.conv_B.weight, m.conv_B.bias, m.conv_D.weight,
+                          m.conv_D.bias, w, groups=m.groups, scale=m.scale)
+
+    with backend("triton"):
+        y, grads = module_run(module, x, dy, weights, lavin_forward)
+    with backend("torch"):
+        y_base, grads_base = module_run(copy.deepcopy(module), x, dy, weights, lavin_forward)
+    oracle, logits = copy.deepcopy(module).double(), []
+    y64, grads64 = module_run(oracle, x.double(), dy.double(), None if router else weights.double(),
+                              lambda m, x, w: conv_reference(m, x, w, logits))
+    # Sizes the roundings are relative to (see ROW_SUM_ULPS): the adapter on absolute values with
+    # the oracle's routing, and for the router, its per-sample terms.
+    used = torch.softmax(logits[0] / module.temperature, dim=-1) if router else weights.double()
+    absolute = copy.deepcopy(module).double()
+    with torch.no_grad():
+        for tensor in absolute.parameters():
+            tensor.abs_()
+    y_abs, grads_abs = module_run(absolute, x.double().abs(), dy.double().abs(), used.detach(), conv_reference)
+    magnitude = {name: grad.max().item() for name, grad in grads_abs.items()}
+    magnitude["y"] = y_abs.max().item()
+    if router:
+        per_sample = logits[0].grad.abs()                                          # [B, 2]
+        magnitude["expert_weights.bias"] = per_sample.sum(0).max().item()
+        magnitude["expert_weights.weight"] = (per_sample.T @ x[:, 0].double().abs()).max().item()
+        magnitude["x"] = max(magnitude["x"], grads64["x"].abs().max().item())       # plus the router's share
+    expected = {"x", "conv_A.weight", "conv_A.bias", "conv_B.weight", "conv_B.bias", "conv_D.weight", "conv_D.bias"}
+    expected |= {"expert_weights.weight", "expert_weights.bias"} if router else {"weights"}
+    assert set(grads) == expected and set(grads64) == expected
+    assert_close_to_oracle("y", y, y64, y_base, magnitude=magnitude["y"])
+    for name in sorted(expected):
+        assert_close_to_oracle(f"d {name}", grads[name], grads64[name], grads_base[name], ulps=ulps(name),
+                               magnitude=magnitude[name])
+    if not functional:
+        assert torch.equal(module.last_routing, module.route(x[:, 0]) if router else weights)
+
+
+def test_torch_backend_is_the_reference_and_matches_the_conv_oracle():
+    module = randomized(MMAdapter(64, hidden_dim=16, groups=2, scale=0.7, temperature=5.0)).double().eval()
+    x, dy = torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64)
+    with backend("torch"):
+        assert select_backend(x) == "torch"
+        y, grads = module_run(module, x, dy, None, lambda m, x, w: m(x, w))
+    y64, grads64 = module_run(copy.deepcopy(module), x, dy, None, lambda m, x, w: conv_reference(m, x, w))
+    torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads64[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_backend_switch():
+    x = torch.randn(1, 2, 8)
+    with backend("auto"):
+        assert select_backend(x) == "torch"                  # CPU tensors: the reference
+        assert select_backend(x.double()) == "torch"
+    with backend("triton"):
+        assert select_backend(x) == "triton"                  # the interpreter is on (conftest)
+    with backend("torch"):
+        assert select_backend(x) == "torch"
+    with backend("cuda-please"), pytest.raises(ValueError, match="LAVIN_FAST_BACKEND must be one of"):
+        select_backend(x)
+    if torch.cuda.is_available():
+        with backend("auto"):
+            assert select_backend(x.cuda()) == "triton"
+            assert select_backend(x.cuda().double()) == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# State dict, init, routing record, grouped structure
+# ----------------------------------------------------------------------------------------------
+
+REFERENCE_SHAPES_7B = {
+    "conv_A.weight": (8, 4096, 1), "conv_A.bias": (8,),
+    "conv_B.weight": (4096, 4, 1), "conv_B.bias": (4096,),
+    "conv_D.weight": (4096, 4, 1), "conv_D.bias": (4096,),
+    "expert_weights.weight": (2, 4096), "expert_weights.bias": (2,),
+}
+
+
+def test_state_dict_has_the_reference_names_and_shapes_and_loads_strictly():
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in MMAdapter(4096).state_dict().items()}
+    assert shapes == REFERENCE_SHAPES_7B
+    assert sum(math.prod(s) for s in shapes.values()) == 2_621_760 // 32     # REFERENCE.md section 4
+
+    module = MMAdapter(4096)
+    checkpoint = {k: torch.randn(s) for k, s in REFERENCE_SHAPES_7B.items()}
+    module.load_state_dict(checkpoint)                                         # strict by default
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in checkpoint.items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict({k: v for k, v in checkpoint.items() if k != "conv_D.bias"})
+    with pytest.raises(RuntimeError, match="size mismatch for conv_B.weight"):
+        module.load_state_dict({**checkpoint, "conv_B.weight": torch.randn(4096, 8, 1)})
+    vit = MMAdapter(1024)
+    assert sum(p.numel() for p in vit.parameters()) == 20_490
+
+
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_identity_at_init_and_last_routing(name):
+    module = MMAdapter(130, hidden_dim=8, groups=2).to(DEVICE).train()   # dropout active: still identity
+    x = torch.randn(3, 7, 130, device=DEVICE)
+    with backend(name):
+        assert torch.equal(module(x), x)
+        assert torch.equal(module.last_routing, module.route(x[:, 0]))
+        assert not module.last_routing.requires_grad
+        weights = torch.tensor([[0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], device=DEVICE, requires_grad=True)
+        module(x, weights)
+        assert torch.equal(module.last_routing, weights.detach())
+
+
+def test_grouped_up_projections_get_the_blocks_of_the_dense_gradient():
+    """groups=2: hidden units [0, r/2) feed channels [0, d/2) only. The kernel returns a dense
+    [d, r] gradient per expert (non-zero off the blocks); each grouped weight must receive
+    exactly its block, and nothing off the blocks may ever train."""
+    dim, hidden = 64, 8
+    module = randomized(MMAdapter(dim, hidden_dim=hidden, groups=2)).eval()
+    x = torch.randn(2, 5, dim)
+    with backend("triton"):
+        module(x).square().sum().backward()
+
+    up_weight = torch.stack([reference.grouped_to_dense(c.weight.detach(), 2) for c in (module.conv_B, module.conv_D)])
+    dense = [module.conv_A.weight.detach().squeeze(-1), module.conv_A.bias.detach(), up_weight.requires_grad_(),
+             torch.stack([module.conv_B.bias.detach(), module.conv_D.bias.detach()])]
+    routing = module.last_routing
+    kernel.mm_adapter(x, routing, dense[0], dense[1], dense[2], dense[3], 1.0, 0.0, 0).square().sum().backward()
+    half_d, half_r = dim // 2, hidden // 2
+    for expert, conv in enumerate((module.conv_B, module.conv_D)):
+        full = up_weight.grad[expert]                                              # [d, r]
+        assert full[:half_d, half_r:].abs().min() > 0 and full[half_d:, :half_r].abs().min() > 0
+        blocks = torch.cat([full[:half_d, :half_r], full[half_d:, half_r:]])      # [d, r/2]
+        torch.testing.assert_close(conv.weight.grad.squeeze(-1), blocks, rtol=1e-5, atol=1e-6)
+        stepped = reference.grouped_to_dense(conv.weight.detach() - conv.weight.grad, 2)
+        assert stepped[:half_d, half_r:].abs().max() == 0 and stepped[half_d:, :half_r].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Poison, registration, compilation
+# ----------------------------------------------------------------------------------------------
+
+def test_outputs_start_poisoned_so_unwritten_elements_fail():
+    assert os.environ.get("LAVIN_FAST_POISON") == "1"
+    assert torch.isnan(empty((4, 3), torch.float32, torch.device(DEVICE))).all()
+    params, dy = make_problem(3, 17, 1000, 8, torch.float32, seed=2)      # ragged in rows and d
+    y, hd = kernel.mm_adapter_forward(*params.values(), 1.0, 0.1, 9)
+    x, routing, down_weight, _, up_weight, up_bias = params.values()
+    outputs = kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, 1.0, 0.1, 9,
+                                         row_groups=3)
+    for name, tensor in zip(("y", "hd", *GRAD_NAMES), (y, hd, *outputs)):
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_op_registration_passes_opcheck():
+    """Schema, autograd registration, fake tensors and AOT dispatch of both ops (torch.library)."""
+    params, dy = make_problem(2, 3, 20, 8, torch.float32, seed=4)
+    leaves = [v.detach().requires_grad_() for v in params.values()]
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.2, 17))
+    x, routing, down_weight, _, up_weight, up_bias = params.values()
+    _, hd = kernel.mm_adapter_forward(*params.values(), 1.3, 0.2, 17)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
+                          (dy, x, routing, down_weight, up_weight, up_bias, hd, 1.3, 0.2, 17))
+
+
+def compiled_matches_eager(backend_name):
+    params, dy = make_problem(2, 9, 40, 8, torch.float32, seed=6)
+
+    def step(x, routing, down_weight, down_bias, up_weight, up_bias):
+        return kernel.mm_adapter(x, routing, down_weight, down_bias, up_weight, up_bias, 0.5, 0.2, 123)
+
+    results = []
+    for fn in (step, torch.compile(step, backend=backend_name, fullgraph=True)):
+        leaves = [v.detach().requires_grad_() for v in params.values()]
+        y = fn(*leaves)
+        y.backward(dy)
+        results.append([y, *(t.grad for t in leaves)])
+    for name, eager, compiled in zip(("y", *GRAD_NAMES), *results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=name)
+
+
+def test_torch_compile_traces_through_the_op():
+    """Dynamo + AOT autograd over the custom op's fake and autograd registrations (no codegen)."""
+    compiled_matches_eager("aot_eager")
+
+
+@requires_cuda
+def test_torch_compile_with_inductor_on_gpu():
+    compiled_matches_eager("inductor")
+    module = randomized(MMAdapter(256, dropout=0.0)).cuda()
+    x = torch.randn(2, 16, 256, device="cuda", dtype=torch.bfloat16)
+    with backend("triton"):
+        eager = module(x)
+        compiled = torch.compile(module, fullgraph=False)(x)
+    torch.testing.assert_close(compiled, eager)      # inductor may fuse the router differently
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+def functional_args(batch=2, tokens=3, dim=8, hidden=4, **overrides):
+    args = dict(
+        x=torch.randn(batch, tokens, dim), conv_A_weight=torch.randn(hidden, dim, 1),
+        conv_A_bias=torch.randn(hidden), conv_B_weight=torch.randn(dim, hidden // 2, 1),
+        conv_B_bias=torch.randn(dim), conv_D_weight=torch.randn(dim, hidden // 2, 1),
+        conv_D_bias=torch.randn(dim), routing=torch.full((batch, 2), 0.5),
+    )
+    return {**args, **overrides}
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(x=torch.randn(3, 8)), ValueError, r"x must be \[batch, tokens, dim\]"),
+    (dict(conv_A_weight=torch.randn(4, 8)), ValueError, "conv_A_weight must be"),
+    (dict(conv_A_weight=torch.randn(4, 9, 1)), ValueError, "conv_A_weight must have shape"),
+    (dict(conv_B_weight=torch.randn(8, 4, 1)), ValueError, "conv_B_weight must have shape"),
+    (dict(conv_D_bias=torch.randn(7)), ValueError, "conv_D_bias must have shape"),
+    (dict(routing=torch.rand(2, 3)), ValueError, r"routing must have shape \(2, 2\)"),
+    (dict(routing=torch.rand(2)), ValueError, "routing must have shape"),
+    (dict(x=torch.randint(0, 3, (2, 3, 8))), ValueError, "x must be a floating-point tensor"),
+    (dict(routing=torch.ones(2, 2, dtype=torch.int64)), ValueError, "routing must be a floating-point"),
+    (dict(conv_B_bias=torch.randn(8, device="meta")), ValueError, "conv_B_bias is on meta but x is on cpu"),
+])
+def test_functional_rejects_bad_input(backend_name, overrides, error, match):
+    with backend(backend_name), pytest.raises(error, match=match):
+        mm_adapter(**functional_args(**overrides))
+
+
+def test_groups_and_dropout_are_checked():
+    with pytest.raises(ValueError, match=r"dim \(7\) and hidden \(4\) must both be divisible by groups \(2\)"):
+        mm_adapter(**functional_args(dim=7), groups=2)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        mm_adapter(**functional_args(), dropout=1.0)
+    with pytest.raises(ValueError, match=r"dim \(7\) and hidden_dim \(8\) must be divisible by groups \(2\)"):
+        MMAdapter(7, groups=2)
+    module = MMAdapter(8, hidden_dim=4)
+    with pytest.raises(ValueError, match=r"x must be \[batch, tokens, 8\]"):
+        module(torch.randn(2, 3, 9))
+    with pytest.raises(ValueError, match="routing must have shape"):
+        module(torch.randn(2, 3, 8), torch.rand(3, 2))
+
+
+def test_triton_path_rejects_dtypes_the_kernel_does_not_take():
+    with backend("triton"):
+        with pytest.raises(ValueError, match=r"x has dtype torch.float64; the kernel takes"):
+            mm_adapter(**functional_args(x=torch.randn(2, 3, 8, dtype=torch.float64)))
+        with pytest.raises(ValueError, match=r"routing has dtype torch.float64; the kernel takes"):
+            mm_adapter(**functional_args(routing=torch.full((2, 2), 0.5, dtype=torch.float64)))
+    with backend("torch"):       # the reference computes in x's dtype whatever the parameters hold
+        assert mm_adapter(**functional_args(x=torch.randn(2, 3, 8, dtype=torch.float64))).dtype == torch.float64
+
+
+def test_kernel_host_functions_check_their_preconditions():
+    params, dy = make_problem(2, 3, 20, 8, torch.float32, seed=1)
+    x, routing, down_weight, down_bias, up_weight, up_bias = params.values()
+    with pytest.raises(ValueError, match=r"up_weight must have shape \(2, 20, 8\)"):
+        kernel.mm_adapter_forward(x, routing, down_weight, down_bias, up_weight[:, :, :4], up_bias, 1.0)
+    with pytest.raises(ValueError, match=r"down_bias must have shape \(8,\)"):
+        kernel.mm_adapter_forward(x, routing, down_weight, up_bias[0], up_weight, up_bias, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        kernel.mm_adapter_forward(*params.values(), 1.0, -0.1)
+    _, hd = kernel.mm_adapter_forward(*params.values(), 1.0)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 20\)"):
+        kernel.mm_adapter_backward(dy[:1], x, routing, down_weight, up_weight, up_bias, hd, 1.0)
+    with pytest.raises(ValueError, match="hd must be a contiguous fp32"):
+        kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd.half(), 1.0)
+    if DEVICE == "cpu":
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            patch.setenv("TRITON_INTERPRET", "0")
+            kernel.mm_adapter_forward(*params.values(), 1.0)
