@@ -310,8 +310,8 @@ def _check(x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, u
 def mm_adapter_forward(
     x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
     up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0, *,
-    block_m: int = 16, block_d: int | None = None, programs: int | None = None, num_warps: int = 4,
-    precision: str | None = None,
+    block_m: int = 32, block_d: int = 64, programs: int | None = None, num_warps: int = 8,
+    num_stages: int = 2, precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward. x [B, N, d] (any strides); routing [B, 2]; down_weight [r, d];
     down_bias [r]; up_weight [2, d, r]; up_bias [2, d]. Returns y [B, N, d] in x's dtype and
@@ -319,7 +319,10 @@ def mm_adapter_forward(
 
     `programs` caps the grid (each program then walks several row blocks): the knob that keeps
     the row blocks in flight, programs * block_m * d * e bytes, inside L2. None: one program per
-    row block. Block sizes are untuned defaults; benchmarks sweep them.
+    row block. The defaults are untimed: the largest tiles that ptxas compiles for sm_90 without
+    register spills in all three dtypes (an offline compile; benchmarks sweep them). At ~184
+    registers x 256 threads one program fits per SM, so an H100 holds 132 x 256 KB = 34 MB of
+    row blocks in flight for d = 4096 bf16: inside its 50 MB L2.
 
     HBM bytes, M = B N, e = x's element size, fp32 weights: read x (M d e), write y (M d e),
     write hd (4 M r), read the weights once (4 (3 r d + 2 d + r)): 2 M d e + 4 M r + ~12 r d.
@@ -335,7 +338,6 @@ def mm_adapter_forward(
     hd = empty((batch, tokens, hidden), torch.float32, x.device)
     if rows == 0:
         return y, hd
-    block_d = block_d or (64 if _interpreting() else 256)
     row_blocks = triton.cdiv(rows, block_m)
     _, k_pad = _pads(hidden)
     _mm_adapter_fwd_kernel[(min(row_blocks, programs or row_blocks),)](
@@ -345,7 +347,7 @@ def mm_adapter_forward(
         x.stride(0), x.stride(1), x.stride(2), routing.stride(0), routing.stride(1),
         float(scale), float(dropout_p), int(seed),
         HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_D=block_d, K_PAD=k_pad,
-        PRECISION=_precision(x.dtype, precision), num_warps=num_warps,
+        PRECISION=_precision(x.dtype, precision), num_warps=num_warps, num_stages=num_stages,
     )
     return y, hd
 
@@ -353,8 +355,8 @@ def mm_adapter_forward(
 def mm_adapter_backward(
     dy: Tensor, x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Tensor,
     hd: Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0, *,
-    block_m: int = 16, block_d_rows: int | None = None, block_d_cols: int = 64,
-    row_groups: int | None = None, num_warps: int = 4, precision: str | None = None,
+    block_m: int = 16, block_d_rows: int = 64, block_d_cols: int = 64, row_groups: int | None = None,
+    num_warps: int = 8, num_stages: int = 3, precision: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward. dy, x [B, N, d] (any strides); hd [B, N, r] fp32 from the forward.
     Returns dx [B, N, d] in x's dtype, then fp32 d routing [B, 2], d down_weight [r, d],
@@ -362,7 +364,7 @@ def mm_adapter_backward(
 
     Kernel 1 takes block_m rows x block_d_rows columns per step; kernel 2 block_m rows x
     block_d_cols columns, in row_groups groups (None: about two waves of programs on a GPU).
-    Untuned defaults; benchmarks sweep them.
+    Defaults chosen as in the forward (spill-free on sm_90, untimed).
 
     HBM bytes, M = B N, e = element size, G = row groups: kernel 1 reads dy (M d e); kernel 2
     reads dy and x and writes dx (3 M d e); per row, dh (written, read twice), hd (read twice)
@@ -384,7 +386,6 @@ def mm_adapter_backward(
     if rows == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
         return dx, zeros(batch, 2), zeros(hidden, dim), zeros(hidden), zeros(2, dim, hidden), zeros(2, dim)
-    block_d_rows = block_d_rows or (64 if _interpreting() else 256)
     r_pad, k_pad = _pads(hidden)
     row_blocks, col_blocks = triton.cdiv(rows, block_m), triton.cdiv(dim, block_d_cols)
     if row_groups is None:  # few partials under the interpreter
@@ -403,7 +404,7 @@ def mm_adapter_backward(
         dy.stride(0), dy.stride(1), dy.stride(2), routing.stride(0), routing.stride(1),
         float(scale), float(dropout_p), int(seed),
         HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d_rows, K_PAD=k_pad,
-        PRECISION=precision, num_warps=num_warps,
+        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     da_part = empty((row_groups, hidden, dim), torch.float32, device)
     du_part = empty((row_groups, 2 * hidden, dim), torch.float32, device)
@@ -415,7 +416,7 @@ def mm_adapter_backward(
         routing.stride(0), routing.stride(1),
         float(scale),
         BLOCK_M=block_m, BLOCK_D=block_d_cols, R_PAD=r_pad, K_PAD=k_pad, PRECISION=precision,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=num_stages,
     )
     d_routing = dw_rows.view(batch, tokens, 2).sum(1)
     d_up_weight = du_part.sum(0).view(2, hidden, dim).transpose(1, 2).contiguous()
