@@ -333,7 +333,7 @@ def test_backend_switch():
         assert select_backend(x) == "torch"                  # CPU tensors: the reference
         assert select_backend(x.double()) == "torch"
     with backend("triton"):
-        assert select_backend(x) == "triton"                  # the interpreter is on (conftest)
+        assert select_backend(x.to(DEVICE)) == "triton"       # on CPU: the interpreter (conftest)
     with backend("torch"):
         assert select_backend(x) == "torch"
     with backend("cuda-please"), pytest.raises(ValueError, match="LAVIN_FAST_BACKEND must be one of"):
@@ -392,8 +392,8 @@ def test_grouped_up_projections_get_the_blocks_of_the_dense_gradient():
     [d, r] gradient per expert (non-zero off the blocks); each grouped weight must receive
     exactly its block, and nothing off the blocks may ever train."""
     dim, hidden = 64, 8
-    module = randomized(MMAdapter(dim, hidden_dim=hidden, groups=2)).eval()
-    x = torch.randn(2, 5, dim)
+    module = randomized(MMAdapter(dim, hidden_dim=hidden, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, dim, device=DEVICE)
     with backend("triton"):
         module(x).square().sum().backward()
 
@@ -518,11 +518,12 @@ def test_groups_and_dropout_are_checked():
 
 
 def test_triton_path_rejects_dtypes_the_kernel_does_not_take():
+    on_device = {k: v.to(DEVICE) for k, v in functional_args().items()}
     with backend("triton"):
         with pytest.raises(ValueError, match=r"x has dtype torch.float64; the kernel takes"):
-            mm_adapter(**functional_args(x=torch.randn(2, 3, 8, dtype=torch.float64)))
+            mm_adapter(**{**on_device, "x": on_device["x"].double()})
         with pytest.raises(ValueError, match=r"routing has dtype torch.float64; the kernel takes"):
-            mm_adapter(**functional_args(routing=torch.full((2, 2), 0.5, dtype=torch.float64)))
+            mm_adapter(**{**on_device, "routing": on_device["routing"].double()})
     with backend("torch"):       # the reference computes in x's dtype whatever the parameters hold
         assert mm_adapter(**functional_args(x=torch.randn(2, 3, 8, dtype=torch.float64))).dtype == torch.float64
 
