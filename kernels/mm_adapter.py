@@ -72,12 +72,12 @@ def _routing(w_ptr, batch, row_ok, stride_wb, stride_we):
     return w0, w1
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _mm_adapter_fwd_kernel(
     x_ptr, w_ptr, a_w_ptr, a_b_ptr, u_w_ptr, u_b_ptr, y_ptr, hd_ptr,
     M, N, D, R,
     stride_xb, stride_xn, stride_xd, stride_wb, stride_we,
-    scale, p, seed,
+    scale, p, seed_ptr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -108,7 +108,7 @@ def _mm_adapter_fwd_kernel(
             h = tl.dot(x, a_t, h, input_precision=PRECISION)
         h += tl.load(a_b_ptr + unit, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_DROPOUT:
-            h = h * _dropout_multiplier(seed, rows, unit, R, p)
+            h = h * _dropout_multiplier(tl.load(seed_ptr), rows, unit, R, p)
         tl.store(hd_ptr + rows[:, None] * R + k[None, :], h, mask=row_ok[:, None] & (k < R)[None, :])
 
         w0, w1 = _routing(w_ptr, batch, row_ok, stride_wb, stride_we)
@@ -128,12 +128,12 @@ def _mm_adapter_fwd_kernel(
                      mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _mm_adapter_bwd_rows_kernel(
     dy_ptr, w_ptr, u_w_ptr, u_b_ptr, hd_ptr, dh_ptr, dw_ptr,
     M, N, D, R,
     stride_gb, stride_gn, stride_gd, stride_wb, stride_we,
-    scale, p, seed,
+    scale, p, seed_ptr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -180,7 +180,7 @@ def _mm_adapter_bwd_rows_kernel(
     fold = ((unit[:, None] == unit[None, :]) & k_ok[:, None] & k_ok[None, :]).to(tl.float32)
     dh = tl.dot(routed, fold, input_precision="ieee")
     if HAS_DROPOUT:
-        dh = dh * _dropout_multiplier(seed, rows, unit, R, p)
+        dh = dh * _dropout_multiplier(tl.load(seed_ptr), rows, unit, R, p)
     tl.store(dh_ptr + rows[:, None] * R + k[None, :], dh, mask=row_ok[:, None] & (k < R)[None, :])
 
 
@@ -243,17 +243,29 @@ def _mm_adapter_bwd_cols_kernel(
     tl.store(dub_part_ptr + group * 2 * D + D + c, dub1_acc * scale, mask=c_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(out_ptr, M, R, p, seed, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, R, p, seed_ptr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     units = tl.arange(0, R_PAD)
-    mask = _dropout_multiplier(seed, rows, units, R, tl.cast(p, tl.float32))
+    mask = _dropout_multiplier(tl.load(seed_ptr), rows, units, R, tl.cast(p, tl.float32))
     tl.store(out_ptr + rows[:, None] * R + units[None, :], mask, mask=(rows < M)[:, None] & (units < R)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: checks, block sizes, launches
 # ----------------------------------------------------------------------------------------------
+
+def _seed_tensor(seed: int | Tensor | None, device: torch.device) -> Tensor:
+    """The Philox seed as a 1-element int64 tensor on `device`. The kernels load it, so a seed
+    drawn on the device by `torch.randint` flows through `torch.compile` without a graph break."""
+    if seed is None:
+        raise ValueError("mm_adapter kernel: dropout needs a seed")
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"mm_adapter kernel: seed must be one int32/int64 element, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -309,7 +321,7 @@ def _check(x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, u
 
 def mm_adapter_forward(
     x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-    up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0, *,
+    up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None, *,
     block_m: int = 32, block_d: int = 64, programs: int | None = None, num_warps: int = 8,
     num_stages: int = 2, precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -345,7 +357,7 @@ def mm_adapter_forward(
         up_bias.contiguous(), y, hd,
         rows, tokens, dim, hidden,
         x.stride(0), x.stride(1), x.stride(2), routing.stride(0), routing.stride(1),
-        float(scale), float(dropout_p), int(seed),
+        float(scale), float(dropout_p), _seed_tensor(seed, x.device) if dropout_p > 0 else x,  # x: never read
         HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_D=block_d, K_PAD=k_pad,
         PRECISION=_precision(x.dtype, precision), num_warps=num_warps, num_stages=num_stages,
     )
@@ -354,7 +366,7 @@ def mm_adapter_forward(
 
 def mm_adapter_backward(
     dy: Tensor, x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Tensor,
-    hd: Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0, *,
+    hd: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None, *,
     block_m: int = 16, block_d_rows: int = 64, block_d_cols: int = 64, row_groups: int | None = None,
     num_warps: int = 8, num_stages: int = 3, precision: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -402,7 +414,7 @@ def mm_adapter_backward(
         dy, routing, up_weight, up_bias, hd, dh, dw_rows,
         rows, tokens, dim, hidden,
         dy.stride(0), dy.stride(1), dy.stride(2), routing.stride(0), routing.stride(1),
-        float(scale), float(dropout_p), int(seed),
+        float(scale), float(dropout_p), _seed_tensor(seed, x.device) if dropout_p > 0 else x,  # x: never read
         HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d_rows, K_PAD=k_pad,
         PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
@@ -423,7 +435,7 @@ def mm_adapter_backward(
     return dx, d_routing, da_part.sum(0), dh.sum(0), d_up_weight, dub_part.sum(0)
 
 
-def dropout_mask(seed: int, batch: int, tokens: int, hidden: int, p: float,
+def dropout_mask(seed: int | Tensor, batch: int, tokens: int, hidden: int, p: float,
                  device: torch.device | str = "cpu") -> Tensor:
     """The dropout mask the kernels apply for `seed`: [B, N, r] fp32, 0 or 1/(1-p).
 
@@ -434,7 +446,7 @@ def dropout_mask(seed: int, batch: int, tokens: int, hidden: int, p: float,
     if rows:
         block_m = 64
         _dropout_mask_kernel[(triton.cdiv(rows, block_m),)](
-            out, rows, hidden, float(p), int(seed), BLOCK_M=block_m, R_PAD=triton.next_power_of_2(hidden))
+            out, rows, hidden, float(p), _seed_tensor(seed, out.device), BLOCK_M=block_m, R_PAD=triton.next_power_of_2(hidden))
     return out
 
 
@@ -444,7 +456,7 @@ def dropout_mask(seed: int, batch: int, tokens: int, hidden: int, p: float,
 
 @torch.library.custom_op("lavin_fast::mm_adapter_fwd", mutates_args=())
 def _fwd_op(x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-            up_bias: Tensor, scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+            up_bias: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     return mm_adapter_forward(x, routing, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed)
 
 
@@ -456,7 +468,7 @@ def _fwd_fake(x, routing, down_weight, down_bias, up_weight, up_bias, scale, dro
 
 @torch.library.custom_op("lavin_fast::mm_adapter_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor,
-            up_bias: Tensor, hd: Tensor, scale: float, dropout_p: float, seed: int
+            up_bias: Tensor, hd: Tensor, scale: float, dropout_p: float, seed: Tensor | None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, dropout_p, seed)
 
@@ -471,16 +483,16 @@ def _bwd_fake(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, dropou
 def _setup_context(ctx, inputs, output) -> None:
     x, routing, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed = inputs
     _, hd = output
-    ctx.save_for_backward(x, routing, down_weight, up_weight, up_bias, hd)
-    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+    ctx.save_for_backward(x, routing, down_weight, up_weight, up_bias, hd, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.dtypes = [t.dtype for t in (routing, down_weight, down_bias, up_weight, up_bias)]
     ctx.mark_non_differentiable(hd)
 
 
 def _backward(ctx, dy: Tensor, _dhd: Tensor):
-    x, routing, down_weight, up_weight, up_bias, hd = ctx.saved_tensors
+    x, routing, down_weight, up_weight, up_bias, hd, seed = ctx.saved_tensors
     dx, *grads = _bwd_op(dy, x, routing, down_weight, up_weight, up_bias, hd,
-                         ctx.scale, ctx.dropout_p, ctx.seed)
+                         ctx.scale, ctx.dropout_p, seed)
     grads = [g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
     return (dx, *grads, None, None, None)
 
@@ -489,12 +501,15 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mm_adapter(x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-               up_bias: Tensor, scale: float, dropout_p: float, seed: int) -> Tensor:
+               up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None) -> Tensor:
     """The fused MM-Adapter, differentiable in x, routing and the four weight tensors.
 
     x [B, N, d] fp32/fp16/bf16; routing [B, 2]; down_weight [r, d]; down_bias [r];
     up_weight [2, d, r] (dense); up_bias [2, d]; dropout on h with probability dropout_p, mask
-    from `seed` (see `dropout_mask`). Returns y [B, N, d] in x's dtype.
+    from `seed` (see `dropout_mask`; an int, or a one-element integer tensor, e.g. drawn with
+    `torch.randint` on x's device, which keeps `torch.compile` graphs whole). Returns y
+    [B, N, d] in x's dtype.
     """
-    y, _ = _fwd_op(x, routing, down_weight, down_bias, up_weight, up_bias, float(scale), float(dropout_p), int(seed))
+    y, _ = _fwd_op(x, routing, down_weight, down_bias, up_weight, up_bias, float(scale), float(dropout_p),
+                  _seed_tensor(seed, x.device) if dropout_p > 0 else None)
     return y

@@ -125,7 +125,9 @@ def mm_adapter(
     if select_backend(x) == "triton":
         from lavin_fast.kernels.mm_adapter import mm_adapter as fused
 
-        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout > 0 else 0
+        # Drawn on the device by torch's generator: reproducible under torch.manual_seed, and
+        # traceable, so torch.compile keeps the graph whole when dropout is on.
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0 else None
         return fused(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, dropout, seed)
     mask = None
     if dropout > 0:

@@ -432,11 +432,13 @@ def test_op_registration_passes_opcheck():
     """Schema, autograd registration, fake tensors and AOT dispatch of both ops (torch.library)."""
     params, dy = make_problem(2, 3, 20, 8, torch.float32, seed=4)
     leaves = [v.detach().requires_grad_() for v in params.values()]
-    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.2, 17))
+    seed = torch.tensor([17])
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.2, seed))
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.0, None))
     x, routing, down_weight, _, up_weight, up_bias = params.values()
-    _, hd = kernel.mm_adapter_forward(*params.values(), 1.3, 0.2, 17)
+    _, hd = kernel.mm_adapter_forward(*params.values(), 1.3, 0.2, seed)
     torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
-                          (dy, x, routing, down_weight, up_weight, up_bias, hd, 1.3, 0.2, 17))
+                          (dy, x, routing, down_weight, up_weight, up_bias, hd, 1.3, 0.2, seed))
 
 
 def compiled_matches_eager(backend_name):
@@ -458,6 +460,18 @@ def compiled_matches_eager(backend_name):
 def test_torch_compile_traces_through_the_op():
     """Dynamo + AOT autograd over the custom op's fake and autograd registrations (no codegen)."""
     compiled_matches_eager("aot_eager")
+
+
+def test_training_with_dropout_compiles_into_one_graph():
+    """The dropout seed is drawn on the device (no .item()), so fullgraph=True holds in training."""
+    module = randomized(MMAdapter(40, dropout=0.3)).train()
+    x = torch.randn(2, 5, 40)
+    with backend("triton"):
+        torch.manual_seed(0)
+        eager = module(x)
+        torch.manual_seed(0)
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 @requires_cuda
