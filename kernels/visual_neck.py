@@ -173,7 +173,8 @@ def _bwd_out_kernel(
                  mask=row_ok[:, None] & unit_ok[None, :])
     tl.store(dw2_ptr + cols[:, None].to(tl.int64) * H + units[None, :], dw2,
              mask=col_ok[:, None] & unit_ok[None, :])
-    tl.store(db2_ptr + cols, db2, mask=col_ok & (tl.program_id(1) == 0))
+    if tl.program_id(1) == 0:  # one hidden block writes the bias gradient
+        tl.store(db2_ptr + cols, db2, mask=col_ok)
 
 
 @triton.jit
@@ -262,7 +263,8 @@ def _bwd_in_kernel(
         db1 += tl.sum(dpre, axis=0)
     tl.store(dw1_ptr + units[:, None].to(tl.int64) * D_IN + cols[None, :], dw1,
              mask=unit_ok[:, None] & col_ok[None, :])
-    tl.store(db1_ptr + units, db1, mask=unit_ok & (tl.program_id(1) == 0))
+    if tl.program_id(1) == 0:  # one column block writes the bias gradient
+        tl.store(db1_ptr + units, db1, mask=unit_ok)
 
 
 # ----------------------------------------------------------------------------------------------
