@@ -1,7 +1,7 @@
 """Scaled dot-product attention for the LLaMA and the ViT: flash-attn or PyTorch SDPA.
 
 `LAVIN_FAST_ATTENTION` = `auto` (default: flash-attn when it imports and the inputs are CUDA
-fp16/bf16 without an explicit mask, SDPA otherwise), `flash` (required; an error if unusable) or
+fp16/bf16, SDPA otherwise), `flash` (required; an error if unusable) or
 `sdpa`. On a CUDA GPU, SDPA itself dispatches to FlashAttention-2 kernels inside PyTorch.
 
 Layout everywhere: [batch, seq, heads, head_dim] (flash-attn's), grouped-query attention when
@@ -27,18 +27,16 @@ _log = logging.getLogger(__name__)
 _reported: set[str] = set()
 
 
-def attention_backend(q: Tensor, has_mask: bool = False) -> str:
-    """'flash' or 'sdpa': what `attention` will run for q (and a mask, if any)."""
+def attention_backend(q: Tensor) -> str:
+    """'flash' or 'sdpa': what `attention` will run for q."""
     choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
     if choice not in ("auto", "flash", "sdpa"):
         raise ValueError(f"{ATTENTION_ENV} must be auto, flash or sdpa, got {choice!r}")
-    usable = (flash_attn_func is not None and q.is_cuda
-              and q.dtype in (torch.float16, torch.bfloat16) and not has_mask)
+    usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if choice == "flash" and not usable:
         raise RuntimeError(
             f"{ATTENTION_ENV}=flash but flash-attn is "
-            + ("not installed" if flash_attn_func is None else
-               "unusable here (needs CUDA fp16/bf16 inputs and no explicit mask)")
+            + ("not installed" if flash_attn_func is None else "unusable here (needs CUDA fp16/bf16 inputs)")
         )
     backend = "flash" if (choice != "sdpa" and usable) else "sdpa"
     if backend not in _reported:  # say once which kernel runs: it decides speed and memory
@@ -47,42 +45,43 @@ def attention_backend(q: Tensor, has_mask: bool = False) -> str:
     return backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(head_dim) [+ mask]) v.
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v.
 
     q: [B, Lq, H, Dh]; k, v: [B, Lk, Hkv, Dh] with H % Hkv == 0 -> [B, Lq, H, Dh].
     causal: query i may see keys up to Lk - Lq + i (bottom-right aligned, so a chunk of new
     queries against a longer KV cache is handled; flash-attn aligns the same way).
-    mask: optional bool [B, 1 or H, Lq, Lk], True where attending is allowed; combined with
-    `causal`.
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads not divisible by {k.shape[2]} kv heads")
-    if attention_backend(q, has_mask=mask is not None) == "flash":
+    if attention_backend(q) == "flash":
         return flash_attn_func(q, k, v, causal=causal)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     lq, lk = q.shape[-2], k.shape[-2]
-    attn_mask = mask
-    if causal and mask is not None:
-        attn_mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    elif causal and lq > 1:
-        attn_mask = causal_lower_right(lq, lk) if lq != lk else None
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=causal and lq > 1 and lq == lk and mask is None,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    square_causal = causal and lq == lk and lq > 1
+    attn_mask = None
+    if causal and lq > 1 and lq != lk:   # a chunk of queries after a KV cache
+        attn_mask = causal_lower_right(lq, lk)
+        # CausalBias calls the fused kernels itself, without SDPA's grouped-query handling.
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=square_causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
 
 
-def isolated_first_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None) -> Tensor:
+def isolated_first_attention(q: Tensor, k: Tensor, v: Tensor, *, start_pos: int = 0) -> Tensor:
     """LaVIN's attention: causal, except that no token attends to position 0 (the modality
     token t_m), which sees only itself (REFERENCE.md section 3).
 
     So position 0's output is its own value and positions 1.. run plain causal attention among
-    themselves: two cheap pieces instead of an L x L mask. Shapes as in `attention`; `mask`, if
-    given, covers positions 1.. only ([B, 1 or H, Lq - 1, Lk - 1]).
+    themselves: two cheap pieces instead of an L x L mask.
+    q: [B, Lq, H, Dh] at positions start_pos .. start_pos + Lq - 1; k, v: [B, Lk, Hkv, Dh] at
+    positions 0 .. Lk - 1 (a KV cache holds the earlier ones; Lk = start_pos + Lq).
     """
-    heads, kv_heads = q.shape[2], k.shape[2]
-    first = v[:, :1].repeat_interleave(heads // kv_heads, dim=2)
-    rest = attention(q[:, 1:], k[:, 1:], v[:, 1:], causal=True, mask=mask)
+    if start_pos > 0:  # decoding: t_m is only a key here, and nobody may read it
+        return attention(q, k[:, 1:], v[:, 1:], causal=True)
+    first = v[:, :1].repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    if q.shape[1] == 1:
+        return first
+    rest = attention(q[:, 1:], k[:, 1:], v[:, 1:], causal=True)
     return torch.cat([first, rest], dim=1)
