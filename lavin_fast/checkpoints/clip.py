@@ -158,6 +158,22 @@ def load_clip(
     return model
 
 
+def save_clip(model: VisionTransformer, path: str | Path) -> Path:
+    """Write a vision trunk as a safetensors state dict with OpenAI's key names (which
+    `load_clip` reads back; OpenAI's rule heads = width / 64 must hold). Atomic."""
+    from safetensors.torch import save_file
+
+    from lavin_fast.io import atomic_write
+
+    if model.config.width != 64 * model.config.heads:
+        raise ValueError(f"save_clip: OpenAI's format implies heads = width / 64, got width "
+                         f"{model.config.width} with {model.config.heads} heads")
+    names = _names(model.config, OPENAI_GLOBAL, OPENAI_BLOCK, OPENAI_IN_BLOCK, "")
+    state = {names[key][0]: tensor.detach().cpu().contiguous()
+             for key, tensor in model.state_dict().items() if "adapter" not in key}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
 def _default_taps(layers: int) -> tuple[int, ...]:
     """Six evenly spaced blocks, LaVIN's choice for ViT-L/14 (4, 8, ..., 24) generalised."""
     if layers < 6:

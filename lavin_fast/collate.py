@@ -1,0 +1,126 @@
+"""LaVIN's token sequence (REFERENCE.md section 3) and the collation of samples into batches.
+
+    image sample:  [t_m, BOS, tok("Image: "),    v1 .. v6, prompt, answer, EOS, pad ...]
+    text sample:   [t_m, BOS, tok("Image: N/A"),           prompt, answer, EOS, pad ...]
+
+`t_m` (the modality token) and the image slots v1..v6 are filled by the model with embeddings;
+in `tokens` they hold 0, never read. The loss counts the answer tokens and EOS only: `targets`
+[:, i] is the token that position i must predict, `IGNORE` elsewhere.
+
+Prompt and answer are tokenized separately (the answer with sentencepiece's leading space), the
+same way generation sees the prompt; the reference tokenizes them joined, which can merge
+pieces across the boundary. A sample longer than `max_len` loses the start of its prompt
+(the question's options and the "Response:" cue stay next to the answer), never any of its
+answer or EOS; one whose answer alone does not fit is dropped. Both are counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lavin_fast.data import Sample
+from lavin_fast.images import preprocess
+from lavin_fast.tokenizer import Tokenizer
+
+IGNORE = -100
+IMAGE_PREFIX, TEXT_PREFIX = "Image: ", "Image: N/A"
+
+
+@dataclass
+class Batch:
+    """A collated batch. tokens, targets [B, L] int64; has_image [B] bool; images
+    [n_images, 3, S, S] for the samples with an image, in batch order (None if none);
+    image_start: position of v1 in every image sample."""
+
+    tokens: Tensor
+    targets: Tensor
+    has_image: Tensor
+    images: Tensor | None
+    image_start: int
+    ids: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("tokens", "targets", "has_image", "images"):
+            if moved[name] is not None:
+                moved[name] = moved[name].to(device, non_blocking=True)
+        return Batch(**moved)
+
+    @property
+    def answer_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+class SequenceLayout:
+    """Where everything sits in a LaVIN sequence, for one tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, image_tokens: int = 6, max_len: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        self.max_len = max_len
+        self.image_prefix = tokenizer.encode(IMAGE_PREFIX, bos=False, eos=False)
+        self.text_prefix = tokenizer.encode(TEXT_PREFIX, bos=False, eos=False)
+        self.image_start = 2 + len(self.image_prefix)
+
+    def prefix(self, has_image: bool) -> list[int]:
+        """[t_m slot, BOS, "Image: " (+ image slots) or "Image: N/A"]: what precedes the prompt."""
+        if has_image:
+            return [0, self.tokenizer.bos_id, *self.image_prefix, *[0] * self.image_tokens]
+        return [0, self.tokenizer.bos_id, *self.text_prefix]
+
+    def prompt_tokens(self, prompt: str, has_image: bool) -> list[int]:
+        """The whole input a prompt becomes (for generation): prefix + prompt tokens."""
+        return self.prefix(has_image) + self.tokenizer.encode(prompt, bos=False, eos=False)
+
+
+@dataclass
+class CollateStats:
+    """Samples whose prompt start was cut (`truncated`) or that were left out (`dropped`)."""
+
+    truncated: int = 0
+    dropped: int = 0
+
+
+class Collator:
+    """Samples -> `Batch`, padded to the longest sequence of the batch (not to max_len)."""
+
+    def __init__(self, layout: SequenceLayout, image_loader: Callable[[Path], Tensor] = preprocess) -> None:
+        self.layout = layout
+        self.image_loader = image_loader
+        self.stats = CollateStats()
+
+    def sequence(self, sample: Sample) -> tuple[list[int], int] | None:
+        """(token ids, index of the first answer token), or None if the answer cannot fit."""
+        layout, tokenizer = self.layout, self.layout.tokenizer
+        prefix = layout.prefix(sample.image is not None)
+        prompt = tokenizer.encode(sample.prompt, bos=False, eos=False)
+        answer = tokenizer.encode(sample.answer, bos=False, eos=True)
+        room = layout.max_len - len(prefix) - len(answer)
+        if room < 1:      # not even one prompt token ("Response:") beside the answer
+            self.stats.dropped += 1
+            return None
+        if len(prompt) > room:
+            self.stats.truncated += 1
+            prompt = prompt[-room:]
+        return prefix + prompt + answer, len(prefix) + len(prompt)
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        kept = [(s, seq) for s in samples if (seq := self.sequence(s)) is not None]
+        if not kept:
+            raise ValueError(f"none of the {len(samples)} samples fits in {self.layout.max_len} tokens")
+        length = max(len(ids) for _, (ids, _) in kept)
+        tokens = torch.zeros(len(kept), length, dtype=torch.long)
+        targets = torch.full((len(kept), length), IGNORE, dtype=torch.long)
+        for row, (_, (ids, answer_start)) in enumerate(kept):
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            # position i predicts token i + 1: answer tokens and EOS are predicted from answer_start - 1 on
+            targets[row, answer_start - 1:len(ids) - 1] = torch.tensor(ids[answer_start:])
+        has_image = torch.tensor([s.image is not None for s, _ in kept])
+        pictures = [self.image_loader(s.image) for s, _ in kept if s.image is not None]
+        return Batch(tokens=tokens, targets=targets, has_image=has_image,
+                     images=torch.stack(pictures) if pictures else None,
+                     image_start=self.layout.image_start, ids=[s.id for s, _ in kept])
