@@ -59,6 +59,7 @@ def routing_weights(weights: Mapping[str, Sequence[float]], png_path: str | Path
     for (name, values), marker in zip(weights.items(), "os^v"):
         ax.plot(range(len(values)), values, marker=marker, ms=4, label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer")
     ax.set_ylabel("routing weight of expert 0")
     ax.set_ylim(0, 1)

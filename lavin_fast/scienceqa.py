@@ -222,19 +222,33 @@ def _options(answer: str, pool: tuple[str, ...], n: int, rng: random.Random) -> 
     return choices, choices.index(answer)
 
 
-def _fake_problem(kind: str, rng: random.Random) -> tuple[dict, tuple[str, str] | None]:
+# The fixed options of `write_fake_scienceqa(..., fixed_choices=True)`, always in this order.
+FIXED_COLORS = ("red", "green", "blue", "yellow")
+
+
+def _color_question(rng: random.Random, fixed_choices: bool) -> tuple[str, list[str], int]:
+    """(the right color, the options, its index): four of the eight colors shuffled, or the
+    four FIXED_COLORS in their order."""
+    if fixed_choices:
+        color = rng.choice(FIXED_COLORS)
+        return color, list(FIXED_COLORS), FIXED_COLORS.index(color)
+    color = rng.choice(list(COLORS))
+    return color, *_options(color, tuple(COLORS), 4, rng)
+
+
+def _fake_problem(kind: str, rng: random.Random, fixed_choices: bool = False) -> tuple[dict, tuple[str, str] | None]:
     """One record of `kind` ('image', 'text' or 'none') and, for images, (color, shape) to draw."""
     if kind == "image":
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        choices, answer = _options(color, tuple(COLORS), 4, rng)
+        shape = rng.choice(SHAPES)
+        color, choices, answer = _color_question(rng, fixed_choices)
         problem = dict(question=f"What color is the {shape} in the picture?", hint="", image="image.png",
                        subject="natural science", topic="colors", category="Identify colors",
                        skill="Identify colors", lecture="Colors are seen with the eyes.",
                        solution=f"The {shape} is {color}.", grade=f"grade{rng.randint(1, 6)}")
         return dict(problem, choices=choices, answer=answer), (color, shape)
     if kind == "text":
-        name, thing, color = rng.choice(NAMES), rng.choice(THINGS), rng.choice(list(COLORS))
-        choices, answer = _options(color, tuple(COLORS), 4, rng)
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        color, choices, answer = _color_question(rng, fixed_choices)
         problem = dict(question=f"What color is {name}'s {thing}?", hint=f"{name} has a {color} {thing}.",
                        image=None, subject="social science", topic="reading", category="Read a text",
                        skill="Find details", lecture="A text can tell you facts.",
@@ -252,12 +266,17 @@ def _fake_problem(kind: str, rng: random.Random) -> tuple[dict, tuple[str, str] 
 
 
 def write_fake_scienceqa(root: str | Path, sizes: Mapping[str, int] | None = None, *,
-                         image_size: int = 56, image_fraction: float = 0.5, seed: int = 0) -> Path:
+                         image_size: int = 56, image_fraction: float = 0.5, seed: int = 0,
+                         fixed_choices: bool = False) -> Path:
     """Write a fake ScienceQA tree in the real format (see the module docstring).
 
     Image questions ask the color of a drawn shape (answerable only from the image), text
     questions are answered by their hint, the rest by word meaning alone (the NO column).
-    sizes: records per split (default train 400, val 100, test 100). Returns root.
+    sizes: records per split (default train 400, val 100, test 100). fixed_choices: every color
+    question offers the same four colors in the same order (FIXED_COLORS), so that the answer
+    letter names the color directly; shuffled options (the default) add a lookup of the color
+    among the options, which a language model small enough to pretrain on a CPU in a minute
+    does not learn. Returns root.
     """
     root = Path(root)
     sizes = dict(sizes or {"train": 400, "val": 100, "test": 100})
@@ -271,7 +290,7 @@ def write_fake_scienceqa(root: str | Path, sizes: Mapping[str, int] | None = Non
             pid = str(len(problems) + 1)
             draw = rng.random()
             kind = "image" if draw < image_fraction else ("text" if draw < (1 + image_fraction) / 2 else "none")
-            problem, picture = _fake_problem(kind, rng)
+            problem, picture = _fake_problem(kind, rng, fixed_choices)
             problem["split"] = split
             problem["task"] = "closed choice"
             problems[pid] = problem
