@@ -1,0 +1,172 @@
+"""The run's view of torch.distributed: process group, device, mesh, reductions, checkpoints.
+
+One code path for one process and for torchrun: without torchrun's environment the world is a
+single rank and every collective is skipped; checkpoints go through DCP (torch.distributed.
+checkpoint) either way, so a checkpoint written by any (dp, tp) layout loads into any other.
+The parallelism itself (tensor parallel plan, FSDP2) is applied from outside the model by
+`lavin_fast.parallel`.
+
+Checkpoint folder (`step-N/`):
+    dcp/                   trainable parameters and optimizer state, DCP format (sharded by rank)
+    extra.pt               scheduler state, step, every rank's RNG state (rank 0 writes it)
+    adapters.safetensors   the adapters as one file, the same as a single-process run's
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+
+from lavin_fast import parallel
+from lavin_fast.io import atomic_write
+
+
+@dataclass
+class Session:
+    """Where this process sits: rank, device, mesh; and the few collective steps training takes."""
+
+    cfg: object
+    rank: int
+    world: int
+    device: torch.device
+    mesh: DeviceMesh | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh["dp"].size() if self.mesh is not None else 1
+
+    @property
+    def tp_size(self) -> int:
+        return self.mesh["tp"].size() if self.mesh is not None else 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    # ---- model -------------------------------------------------------------------------------
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return parallel.parallelize(model, self.mesh, getattr(self.cfg, "sequence_parallel", False))
+
+    def autocast(self):
+        """bf16/fp16 autocast on CUDA when the backbone is in that dtype; nothing on CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.dtype, torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype, enabled=self.cfg.dtype != "fp32")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    # ---- collectives ---------------------------------------------------------------------------
+
+    def all_reduce_sum(self, value):
+        """Sum over all ranks (of the data-parallel group: tensor-parallel ranks hold equal
+        copies). int/float in, same type out; a tensor in, a tensor out."""
+        if self.mesh is None or self.dp_size == 1:
+            return value
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        dist.all_reduce(tensor, group=self.mesh["dp"].get_group())
+        if isinstance(value, torch.Tensor):
+            return tensor.to(value.dtype)
+        return type(value)(tensor.item())
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order (all ranks get the list)."""
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+        model_state, optim_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=True))
+        with self._quiet_dcp():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "dcp"))
+        self.export_adapters(model, folder / "adapters.safetensors")
+        if self.is_main:
+            atomic_write(folder / "extra.pt", lambda tmp: torch.save(extra, tmp))
+        self.barrier()
+
+    def load_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        model_state, optim_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": model_state, "optim": optim_state}
+        with self._quiet_dcp():
+            dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        # strict=False only lets the frozen weights stay out: dcp.load has already failed on any
+        # trainable key or optimizer state the checkpoint lacks.
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        return torch.load(folder / "extra.pt", weights_only=True)
+
+    @contextlib.contextmanager
+    def _quiet_dcp(self):
+        """DCP warns that it runs without a process group: in a single process that is the plan."""
+        with warnings.catch_warnings():
+            if self.world == 1:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+
+    def export_adapters(self, model: nn.Module, path: Path) -> None:
+        """The trainable parameters gathered whole and written by rank 0 as one safetensors file."""
+        from lavin_fast.checkpoints.adapters import save_adapter_state
+
+        full = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if self.is_main:
+            save_adapter_state(full, _unwrap(model).config, path)
+        self.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def start(cfg) -> Session:
+    """Join torchrun's process group (if any), pick the device, build the (dp, tp) mesh, and
+    let rank 0 prepare what the run writes before the others read it."""
+    from lavin_fast.train import prepare_embedded_default
+
+    rank, world = parallel.init_distributed()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    mesh = parallel.build_mesh(cfg.dp, cfg.tp)
+    if rank == 0:
+        cfg = prepare_embedded_default(cfg)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            cfg = prepare_embedded_default(cfg)   # rank 0 wrote everything: this only finds it
+    return Session(cfg=cfg, rank=rank, world=world, device=device, mesh=mesh)

@@ -1,0 +1,402 @@
+"""Mixture-of-modality training of LaVIN: `python -m lavin_fast.train` (what torchrun launches).
+
+    python -m lavin_fast.train --preset tiny --fake-data --max-steps 20 --out runs/tiny
+    torchrun --nproc_per_node 8 -m lavin_fast.train --preset 7b --llama LLAMA --clip CLIP \
+        --tokenizer tokenizer.model --data-root scienceqa --out runs/7b
+
+Configuration: the fields of `TrainConfig` (the paper's recipe by default, REFERENCE.md
+section 5), from a JSON file (`--config`) with command-line overrides on top. Every run writes
+into `--out`: `run_config.json` (the resolved configuration, what `lavin-fast eval` rebuilds
+the model from), `log.jsonl` (one object per optimizer step), `loss.png`, checkpoints under
+`checkpoints/step-N/` (adapters in safetensors, plus the optimizer, scheduler, step and RNG
+state) and the final `adapters.safetensors`. `--resume` continues from the latest checkpoint
+exactly where it stopped.
+
+Mixed batches: image and text-only samples are drawn together at random (one shuffled order
+over the whole dataset, `recipe.micro_batches`); each optimizer step sees `effective_batch`
+samples split over data-parallel ranks and gradient-accumulation micro-batches. The loss is
+the mean over all answer tokens of the step, whatever the split.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from lavin_fast import data, recipe
+from lavin_fast.collate import Collator, SequenceLayout
+from lavin_fast.images import preprocess
+from lavin_fast.io import atomic_write_text
+from lavin_fast.models.lavin import LaVIN
+from lavin_fast.tokenizer import Tokenizer
+
+log = logging.getLogger("lavin_fast.train")
+
+DATASETS = ("scienceqa", "alpaca", "llava", "chatbot")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Paths may be None where `--preset tiny --fake-data` makes them."""
+
+    # model
+    preset: str = "7b"
+    llama: str | None = None                 # Meta or Hugging Face LLaMA folder
+    clip: str | None = None                  # OpenAI CLIP .pt or Hugging Face folder
+    tokenizer: str | None = None             # sentencepiece tokenizer.model
+    adapters: str | None = None              # start from these adapter weights
+    temperature: float | None = None         # router temperature (preset's: 10 for 7B, 5 for 13B)
+    adapter_dropout: float | None = None
+    neck_activation: str | None = None       # silu (reference) or swiglu (paper Eq. 6)
+    # data
+    data: str = "scienceqa"
+    data_root: str | None = None             # ScienceQA folder
+    split: str = "train"
+    use_caption: bool = False
+    alpaca: str | None = None
+    llava: str | None = None
+    llava_images: str | None = None
+    fake_data: bool = False                  # write and train on a fake ScienceQA tree
+    image_normalization: str = "imagenet"
+    max_len: int = 512
+    # recipe (paper + reference scripts)
+    epochs: int = 20
+    max_steps: int | None = None
+    effective_batch: int = 32
+    micro_batch: int = 4
+    base_lr: float = 9e-3
+    lr: float | None = None                  # absolute peak lr (default: base_lr x batch / 256)
+    weight_decay: float = 0.02
+    warmup_epochs: float = 2.0
+    seed: int = 0
+    dtype: str = "auto"                      # backbone dtype: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # parallelism (torchrun)
+    dp: int | None = None
+    tp: int = 1
+    sequence_parallel: bool = False
+    # output
+    out: str = "runs/lavin"
+    save_every: int = 0                      # optimizer steps between checkpoints (0: every epoch)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.effective_batch < 1 or self.micro_batch < 1 or self.epochs < 1:
+            raise ValueError("effective_batch, micro_batch and epochs must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: file + command line
+# ---------------------------------------------------------------------------------------------
+
+def _field_type(f: dataclasses.Field) -> type:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    for name, python in (("bool", bool), ("int", int), ("float", float)):
+        if kind.startswith(name):
+            return python
+    return str
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Every TrainConfig field as --kebab-case (booleans as --flag / --no-flag); defaults are
+    left out so that a value given in --config is only overridden by an explicit flag."""
+    parser = parser or argparse.ArgumentParser(prog="lavin_fast.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        default = f.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"(default {default})")
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"(default {default})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read config file {path}: {error}") from error
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config file {path} has unknown keys: {unknown}")
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
+    return TrainConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces
+# ---------------------------------------------------------------------------------------------
+
+def backbone_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
+    """Fill in what `--fake-data` and `--preset tiny` leave out: a fake ScienceQA tree, a
+    tokenizer trained on it and random tiny backbones, all written under `out` (once: a
+    rerun or a resume reuses them). Returns the config with those paths set."""
+    from lavin_fast import tiny
+
+    out = Path(cfg.out)
+    updates = {}
+    if cfg.fake_data and cfg.data_root is None:
+        updates["data_root"] = str(tiny.fake_scienceqa(out / "data", seed=cfg.seed))
+    cfg = dataclasses.replace(cfg, **updates)
+    if cfg.preset == "tiny" and (cfg.tokenizer is None or cfg.llama is None or cfg.clip is None):
+        if cfg.data != "scienceqa" or cfg.data_root is None:
+            raise ValueError("--preset tiny without --tokenizer/--llama/--clip needs ScienceQA data (--fake-data)")
+        paths = tiny.tiny_backbones(out / "backbones", Path(cfg.data_root), seed=cfg.seed)
+        cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or str(v) for k, v in paths.items()})
+    return cfg
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LaVIN, Tokenizer]:
+    """LaVIN from the configured checkpoints, adapters fp32, backbone in the run's dtype."""
+    missing = [name for name in ("llama", "clip", "tokenizer") if getattr(cfg, name) is None]
+    if missing:
+        raise ValueError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
+                         "only --preset tiny --fake-data makes its own)")
+    overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
+                                   ("neck_activation", cfg.neck_activation)) if v is not None}
+    model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
+                                  dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
+                                  **overrides)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, Tokenizer(cfg.tokenizer)
+
+
+def build_dataset(cfg: TrainConfig) -> Dataset:
+    """The training samples of the configured source(s)."""
+    def need(name: str) -> str:
+        value = getattr(cfg, name)
+        if value is None:
+            raise ValueError(f"--data {cfg.data} needs --{name.replace('_', '-')}")
+        return value
+
+    if cfg.data == "scienceqa":
+        return data.scienceqa_samples(need("data_root"), cfg.split, cfg.use_caption)
+    sources = []
+    if cfg.data in ("alpaca", "chatbot"):
+        sources.append(data.alpaca_samples(need("alpaca")))
+    if cfg.data in ("llava", "chatbot"):
+        sources.append(data.llava_samples(need("llava"), need("llava_images")))
+    return data.mix(*sources)
+
+
+def build_collator(model: LaVIN, tokenizer: Tokenizer, cfg: TrainConfig) -> Collator:
+    layout = SequenceLayout(tokenizer, model.config.image_tokens, cfg.max_len)
+    loader = functools.partial(preprocess, size=model.config.vit.image_size, normalization=cfg.image_normalization)
+    return Collator(layout, loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    return out / "checkpoints" / json.loads(pointer.read_text())["dir"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    step: int = 0
+    records: list[dict] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the output folder."""
+    from lavin_fast import distributed
+
+    session = distributed.start(cfg)
+    cfg = session.cfg
+    out = Path(cfg.out)
+    device = session.device
+    torch.manual_seed(cfg.seed + session.rank)   # dropout seeds differ per data-parallel rank
+    random.seed(cfg.seed)
+
+    model, tokenizer = build_model(cfg, device)
+    dataset = build_dataset(cfg)
+    collator = build_collator(model, tokenizer, cfg)
+    steps_per_epoch = len(dataset) // cfg.effective_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples are fewer than one effective batch of {cfg.effective_batch}")
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
+    # --max-steps sets the run's length; warmup and cosine then fit into it.
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    peak_lr = cfg.lr if cfg.lr is not None else recipe.scaled_lr(cfg.base_lr, cfg.effective_batch)
+
+    model = session.parallelize(model)
+    optimizer = recipe.build_optimizer(model, peak_lr, cfg.weight_decay)
+    scheduler = recipe.build_scheduler(optimizer, warmup_steps, total_steps)
+    state = RunState()
+    if cfg.resume and (checkpoint := latest_checkpoint(out)) is not None:
+        extra = session.load_checkpoint(checkpoint, model, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        _set_rng_state(extra["rng"][session.rank] if session.rank < len(extra["rng"]) else extra["rng"][0])
+        state.step = extra["step"]
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+    if session.is_main:
+        atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        state.records = _read_log_until(out / "log.jsonl", state.step)
+        log.info("LaVIN %s: %d trainable parameters; %d samples, %d steps (%d per epoch), peak lr %.3g, "
+                 "dp %d x tp %d, device %s", cfg.preset, model_trainable(model), len(dataset), total_steps,
+                 steps_per_epoch, peak_lr, session.dp_size, session.tp_size, device)
+
+    save_every = cfg.save_every or steps_per_epoch
+    progress = _progress(cfg, session, state.step, total_steps)
+    model.train()
+    for step, micro in recipe.micro_batches(
+            len(dataset), effective_batch=cfg.effective_batch, micro_batch=cfg.micro_batch,
+            dp_rank=session.dp_rank, dp_size=session.dp_size, seed=cfg.seed, start_step=state.step,
+            total_steps=total_steps):
+        started = time.perf_counter()
+        batches = [collator([dataset[i] for i in indices]) for indices in micro]
+        tokens = session.all_reduce_sum(sum(b.answer_tokens for b in batches))
+        loss_sum = torch.zeros((), device=device)
+        for batch in batches:
+            batch = batch.to(device)
+            with session.autocast():
+                # Sum over this micro-batch's answer tokens / tokens of the whole step: the
+                # gradient of the step-wide token mean, however the step is split.
+                loss = model.loss(batch) * batch.answer_tokens / tokens
+            session.backward(loss)
+            loss_sum += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.step = step + 1
+        record = {"step": state.step, "loss": session.all_reduce_sum(loss_sum).item(), "lr": lr,
+                  "answer_tokens": tokens, "epoch": step / steps_per_epoch,
+                  "seconds": time.perf_counter() - started,
+                  "truncated": collator.stats.truncated, "dropped": collator.stats.dropped}
+        if session.is_main:
+            _append_log(out / "log.jsonl", record)
+            state.records.append(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if state.step % save_every == 0 or state.step == total_steps:
+            _save(session, out, model, optimizer, scheduler, state.step, cfg.keep_checkpoints)
+    progress.close()
+
+    if session.is_main and state.records:
+        from lavin_fast import plots
+
+        plots.loss_curve(out / "log.jsonl", out / "loss.png")
+        log.info("done: %d steps, last loss %.4f; adapters in %s", state.step, state.records[-1]["loss"],
+                 out / "adapters.safetensors")
+    session.export_adapters(model, out / "adapters.safetensors")
+    session.close()
+    return out
+
+
+def model_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save(session, out: Path, model, optimizer, scheduler, step: int, keep: int) -> None:
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    extra = {"scheduler": scheduler.state_dict(), "step": step, "rng": session.gather_objects(_rng_state())}
+    session.save_checkpoint(folder, model, optimizer, extra)
+    if session.is_main:
+        # The pointer moves only once everything of the new checkpoint is on disk.
+        atomic_write_text(out / "checkpoints" / "latest.json", json.dumps({"dir": folder.name, "step": step}))
+        old = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
+        for path in old:
+            _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_log_until(path: Path, step: int) -> list[dict]:
+    """The log's records up to `step`, rewritten without later ones (a resumed run replays
+    the steps after its checkpoint and logs them again)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) != len(records):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(cfg: TrainConfig, session, start: int, total: int):
+    if not (cfg.progress and session.is_main):
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LAVIN_FAST_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    cfg = config_from_args(build_parser().parse_args(argv))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
