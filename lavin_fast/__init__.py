@@ -1,12 +1,30 @@
 """lavin_fast: Mixture-of-Modality Adaptation (LaVIN) with fused Triton kernels.
 
 Public API (re-exported here; each name's module has the details):
-- `MMAdapter`, `VisualNeck`: the trainable modules, reference-compatible state dicts.
-- `mm_adapter`, `visual_neck`, `select_backend`: the functional forms and the backend choice.
+- `MMAdapter`, `VisualNeck`: the trainable modules, reference-compatible state dicts;
+  `mm_adapter`, `visual_neck`, `select_backend`: their functional forms and the backend choice.
+- `LaVIN`, `LaVINConfig`: the model (frozen LLaMA + frozen CLIP ViT + adapters);
+  `Transformer`, `LlamaConfig`: the LLaMA; `VisionTransformer`, `ViTConfig`: the CLIP ViT.
+- `load_llama`, `load_clip`: strict loaders of Meta / Hugging Face LLaMA and OpenAI / Hugging
+  Face CLIP checkpoints; `save_adapters`, `load_adapters`: adapter files (and the reference's).
+- `Tokenizer`, `generate`: sentencepiece tokenizer and batched KV-cache generation.
 """
+from lavin_fast.checkpoints.adapters import load_adapters, save_adapters
+from lavin_fast.checkpoints.clip import load_clip
+from lavin_fast.checkpoints.llama import load_llama
+from lavin_fast.collate import Batch, Collator, SequenceLayout
+from lavin_fast.generation import generate
+from lavin_fast.models.lavin import LaVIN, LaVINConfig
+from lavin_fast.models.llama import LlamaConfig, Transformer
+from lavin_fast.models.vit import ViTConfig, VisionTransformer
 from lavin_fast.modules import MMAdapter, VisualNeck
 from lavin_fast.ops import mm_adapter, select_backend, visual_neck
+from lavin_fast.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["MMAdapter", "VisualNeck", "mm_adapter", "select_backend", "visual_neck"]
+__all__ = [
+    "Batch", "Collator", "LaVIN", "LaVINConfig", "LlamaConfig", "MMAdapter", "SequenceLayout", "Tokenizer",
+    "Transformer", "ViTConfig", "VisionTransformer", "VisualNeck", "generate", "load_adapters", "load_clip",
+    "load_llama", "mm_adapter", "save_adapters", "select_backend", "visual_neck",
+]

@@ -1,0 +1,128 @@
+"""The `lavin-fast` command: train, eval, generate, demo.
+
+    lavin-fast demo                                   # the embedded default, on a CPU in minutes
+    lavin-fast train --preset tiny --fake-data --max-steps 20 --out runs/tiny
+    lavin-fast eval --run runs/tiny --split test
+    lavin-fast generate --run runs/tiny --image picture.png --prompt "What color is the shape?"
+
+`eval` and `generate` rebuild the model of a training run from its `run_config.json` and
+`adapters.safetensors` (`--run`), or from explicit checkpoint paths.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lavin_fast import train as training
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (either --run, or the checkpoint paths)")
+    group.add_argument("--run", help="a training run's output folder")
+    for name in ("preset", "llama", "clip", "tokenizer", "adapters"):
+        group.add_argument(f"--{name}")
+    group.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+
+
+def _load(args: argparse.Namespace):
+    """(model in eval mode, collator, training config) from --run or explicit paths."""
+    if args.run:
+        run = Path(args.run)
+        config_file = run / "run_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{run} is not a training run folder (no run_config.json)")
+        values = json.loads(config_file.read_text())
+        cfg = training.TrainConfig(**{**values, "adapters": str(run / "adapters.safetensors"), "dtype": args.dtype})
+    else:
+        cfg = training.TrainConfig(preset=args.preset or "7b", llama=args.llama, clip=args.clip,
+                                   tokenizer=args.tokenizer, adapters=args.adapters, dtype=args.dtype)
+    overrides = {k: getattr(args, k) for k in ("llama", "clip", "tokenizer", "adapters") if getattr(args, k)}
+    cfg = dataclasses.replace(cfg, **overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = training.build_model(cfg, device)
+    return model.eval(), training.build_collator(model, tokenizer, cfg), cfg
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from lavin_fast.evaluate import evaluate_scienceqa
+
+    model, collator, cfg = _load(args)
+    data_root = args.data_root or cfg.data_root
+    if data_root is None:
+        raise ValueError("eval needs --data-root (a ScienceQA folder)")
+    out = Path(args.out or (Path(args.run) / f"eval-{args.split}" if args.run else f"eval-{args.split}"))
+    result = evaluate_scienceqa(model, collator, data_root, args.split, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, use_caption=cfg.use_caption, limit=args.limit,
+                                out=out)
+    print(result.table)
+    print(f"predictions, scores and routing plot in {out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from lavin_fast.generation import generate
+
+    model, collator, _ = _load(args)
+    image = collator.image_loader(Path(args.image)) if args.image else None
+    [text] = generate(model, collator.layout, [args.prompt], [image], max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(text)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from lavin_fast.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavin-fast", description="LaVIN with fused Triton kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the adapters (same flags as python -m lavin_fast.train)")
+    training.build_parser(train)
+    train.set_defaults(func=lambda args: training.train(training.config_from_args(args)))
+
+    decoding = argparse.ArgumentParser(add_help=False)
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument("--seed", type=int, default=0)
+
+    evaluate = commands.add_parser("eval", parents=[decoding], help="ScienceQA accuracy table of a model")
+    _model_arguments(evaluate)
+    evaluate.add_argument("--data-root", help="ScienceQA folder (default: the run's)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--limit", type=int, help="only the first N questions")
+    evaluate.add_argument("--out", help="output folder (default: RUN/eval-SPLIT)")
+    evaluate.set_defaults(func=_eval)
+
+    gen = commands.add_parser("generate", parents=[decoding], help="answer one prompt (with an image or not)")
+    _model_arguments(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", help="an image file (omit for a text-only prompt)")
+    gen.set_defaults(func=_generate)
+
+    demo = commands.add_parser("demo", help="the embedded default: tiny LaVIN on fake ScienceQA, on a CPU")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LAVIN_FAST_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
