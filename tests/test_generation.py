@@ -138,8 +138,12 @@ def test_decode_reuses_the_routing_of_position_0(setup):
     model, layout, images = setup
     pics = [images[0], None, images[1]]
     calls = {i: [] for i in range(len(model.llama.layers))}
+    def record(i, args, kwargs):
+        weights = args[1] if len(args) > 1 else kwargs.get("weights")
+        calls[i].append((args[0].clone(), None if weights is None else weights.clone()))
+
     hooks = [layer.adapter_attn.register_forward_pre_hook(
-        lambda module, args, i=i: calls[i].append((args[0].clone(), None if len(args) < 2 else args[1].clone())))
+        lambda module, args, kwargs, i=i: record(i, args, kwargs), with_kwargs=True)
         for i, layer in enumerate(model.llama.layers)]
     try:
         result = generate_tokens(model, layout, PROMPTS[:3], pics, max_new_tokens=6)

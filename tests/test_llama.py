@@ -12,10 +12,16 @@ Oracles are implementations no one here wrote, or explicit definitions written h
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lavin_fast.checkpoints.llama import load_llama
+from lavin_fast.checkpoints.llama import LlamaSource, load_llama, load_llama_weights, open_llama
 from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.models.attention import attention, isolated_first_attention
 from lavin_fast.models.llama import LlamaConfig, Transformer, apply_rope, rope_angles
@@ -529,6 +535,331 @@ def test_paths_that_are_neither_format(hf_folder, tmp_path):
     (no_weights / "pytorch_model.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="pytorch_model.bin is not a state dict"):
         load_llama(no_weights)
+
+
+# ---- LlamaSource: reading parameters whole or in slices ------------------------------------------
+
+def _cuts(size: int, align: int = 1) -> list[tuple[int, int]]:
+    """(start, length) slices of a dim of `size`: whole, halves, the last `align` rows and,
+    unaligned, pieces that start, end or straddle anywhere (across Meta's shard boundaries)."""
+    cuts = {(0, size), (0, size // 2), (size // 2, size - size // 2), (size - align, align)}
+    if align == 1:
+        cuts |= {(3, size // 2), (size // 4 + 1, size // 4), (size // 3, 1), (1, size - 2)}
+    elif 3 * align <= size:
+        cuts.add((align, 2 * align))
+    return sorted(cuts)
+
+
+def _save_hf_folder(folder: Path, meta: dict[str, torch.Tensor], params: dict, tied: bool = False,
+                    **save_kwargs) -> Path:
+    _hf_model(meta, params, tied=tied).save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+def _tied(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with the head tied to the embedding (scaled for O(1) logits)."""
+    embeddings = meta["tok_embeddings.weight"] / 8
+    return {**meta, "tok_embeddings.weight": embeddings, "output.weight": embeddings.clone()}
+
+
+@pytest.mark.parametrize("layout", ["meta-1", "meta-2", "meta-4", "hf", "hf-sharded-tied"])
+def test_source_reads_slices_equal_slices_of_the_full_tensors(tmp_path, layout):
+    """Every parameter, every dim, many slices: equal (exactly) to the slice of the true weight.
+    Meta: slices inside one shard, across shard boundaries, and along the other dim; Hugging
+    Face: q/k rows (GQA: 4 q heads, 2 kv heads) un-permuted per head-aligned slice."""
+    params = CONFIGS["gqa"]
+    meta = _meta_weights(params, seed=9)
+    if layout.startswith("meta"):
+        folder = _write_meta(tmp_path, meta, params, shards=int(layout[-1]))
+    elif layout == "hf":
+        folder = _save_hf_folder(tmp_path, meta, params)
+    else:
+        meta = _tied(meta)
+        folder = _save_hf_folder(tmp_path, meta, params, tied=True, max_shard_size="20KB")
+        assert len(list(folder.glob("model-*.safetensors"))) > 2
+    source = open_llama(folder, max_seq_len=48)
+    assert isinstance(source, LlamaSource) and str(folder) in source.source
+    assert source.config.kv_heads == 2 and source.config.max_seq_len == 48
+    assert source.shapes == {key: tuple(value.shape) for key, value in meta.items()}
+    head_dim, permuted = params["dim"] // params["n_heads"], layout.startswith("hf")
+    for key, full in meta.items():
+        torch.testing.assert_close(source.read(key), full, rtol=0, atol=0, msg=key)
+        for dim in range(full.dim()):
+            align = head_dim if permuted and dim == 0 and re.search(r"\.w[qk]\.", key) else 1
+            for start, length in _cuts(full.shape[dim], align):
+                torch.testing.assert_close(source.read(key, dim, start, length), full.narrow(dim, start, length),
+                                           rtol=0, atol=0, msg=f"{key} dim {dim} [{start}, {start + length})")
+            # length defaults to the end; negative dims count from the last
+            torch.testing.assert_close(source.read(key, dim - full.dim(), align), full.narrow(dim, align,
+                                       full.shape[dim] - align), rtol=0, atol=0, msg=key)
+    converted = source.read("layers.2.attention.wk.weight", 0, head_dim, head_dim, dtype=torch.bfloat16)
+    assert converted.dtype == torch.bfloat16
+    torch.testing.assert_close(converted, meta["layers.2.attention.wk.weight"][head_dim:].bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_source_slices_stay_in_the_file_mapping(tmp_path):
+    """A slice that one file holds as it is comes back as a view of that file's mapping: a Meta
+    slice inside one shard (either dim), a Hugging Face slice of anything but q/k."""
+    params = CONFIGS["gqa"]
+    meta = _meta_weights(params, seed=12)
+    meta_source = open_llama(_write_meta(tmp_path / "meta", meta, params, shards=2))
+    second, first = tmp_path / "meta" / "consolidated.01.pth", tmp_path / "meta" / "consolidated.00.pth"
+    assert _mapped_from(meta_source.read("layers.0.attention.wq.weight", 0, 40, 16), second)  # rows 32..63
+    assert _mapped_from(meta_source.read("layers.1.feed_forward.w2.weight", 1, 0, 48), first)  # columns 0..47
+    assert _mapped_from(meta_source.read("layers.2.ffn_norm.weight", 0, 8, 8), first)  # replicated
+    # pieces of both shards, joined: a new tensor
+    assert not _mapped_from(meta_source.read("layers.1.feed_forward.w2.weight", 1, 40, 16), first)
+    assert not _mapped_from(meta_source.read("layers.1.feed_forward.w2.weight", 0, 8, 8), first)
+    hf_source = open_llama(_save_hf_folder(tmp_path / "hf", meta, params))
+    file = tmp_path / "hf" / "model.safetensors"
+    for key in ("layers.0.attention.wv.weight", "tok_embeddings.weight", "layers.2.feed_forward.w2.weight"):
+        assert _mapped_from(hf_source.read(key, 0, 16, 16), file), key
+        assert _mapped_from(hf_source.read(key, 1, 16, 16), file), key
+    assert not _mapped_from(hf_source.read("layers.0.attention.wq.weight", 0, 16, 16), file)  # un-permuted
+
+
+def test_source_read_refuses_bad_slices(hf_folder):
+    source = open_llama(hf_folder)
+    for key, start, length in [("layers.0.attention.wq.weight", 8, 16), ("layers.0.attention.wq.weight", 16, 24),
+                               ("layers.1.attention.wk.weight", 0, 8), ("layers.1.attention.wk.weight", 4, 16)]:
+        with pytest.raises(ValueError, match=re.escape(f"rows [{start}, {start + length})") + ".*head boundary"):
+            source.read(key, 0, start, length)
+    torch.testing.assert_close(source.read("layers.0.attention.wq.weight", 1, 5, 7),
+                               source.read("layers.0.attention.wq.weight")[:, 5:12], rtol=0, atol=0)  # any columns
+    with pytest.raises(ValueError, match=re.escape("[60, 68) on dim 0 is outside its size 64")):
+        source.read("norm.weight", 0, 60, 8)
+    with pytest.raises(ValueError, match="dim 2 out of range"):
+        source.read("output.weight", 2, 0, 1)
+    with pytest.raises(ValueError, match="need a dim"):
+        source.read("norm.weight", start=3)
+    with pytest.raises(KeyError, match="layers.3.ffn_norm.weight"):
+        source.read("layers.3.ffn_norm.weight")
+
+
+# ---- load_llama_weights: adapters attached, tensor parallelism -----------------------------------
+
+def _linear_adapters(dim: int, n_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Stand-in adapters (near-identity Linear maps in each layer's adapter slot): parameters
+    whose names hold "adapter", which no LLaMA checkpoint has."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for n in range(n_layers):
+        state[f"layers.{n}.adapter_attn.weight"] = torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=gen)
+        state[f"layers.{n}.adapter_attn.bias"] = 0.1 * torch.randn(dim, generator=gen)
+    return state
+
+
+def _attach_adapters(model: Transformer, adapters: dict[str, torch.Tensor]) -> None:
+    for n, layer in enumerate(model.layers):
+        layer.adapter_attn = torch.nn.Linear(model.config.dim, model.config.dim, device="cpu")
+        layer.adapter_attn.load_state_dict({"weight": adapters[f"layers.{n}.adapter_attn.weight"],
+                                            "bias": adapters[f"layers.{n}.adapter_attn.bias"]})
+
+
+def test_load_llama_weights_leaves_attached_adapters_alone(tmp_path):
+    params = CONFIGS["gqa"]
+    meta = _meta_weights(params, seed=10)
+    source = open_llama(_write_meta(tmp_path / "meta", meta, params, shards=2), max_seq_len=64)
+    adapters = _linear_adapters(params["dim"], params["n_layers"])
+    with torch.device("meta"):
+        model = Transformer(source.config)
+    _attach_adapters(model, adapters)
+    load_llama_weights(model, source, dtype=torch.bfloat16)
+    state = model.state_dict()
+    assert state.keys() == meta.keys() | adapters.keys()
+    for key, value in meta.items():
+        torch.testing.assert_close(state[key], value.bfloat16(), rtol=0, atol=0, msg=key)
+    for key, value in adapters.items():  # untouched: fp32, the values they had
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    tokens = _tokens(4)
+    reference = load_llama(tmp_path / "meta", dtype=torch.bfloat16)
+    _attach_adapters(reference, adapters)
+    reference.to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    torch.testing.assert_close(_logits(model, tokens), _logits(reference, tokens), rtol=0, atol=0)
+
+    with torch.device("meta"):  # strict: a model of another shape is refused, naming the keys
+        smaller = Transformer(dataclasses.replace(source.config, n_layers=2))
+    with pytest.raises(CheckpointError, match=re.escape("unexpected keys (9): layers.2.")):
+        load_llama_weights(smaller, source)
+    with pytest.raises(ValueError, match="floating point"):
+        load_llama_weights(model, source, dtype=torch.int64)
+
+
+# Which dim of each weight a tensor-parallel rank holds a contiguous chunk of, under
+# lavin_fast.parallel's plan (ColwiseParallel Linear: rows; RowwiseParallel Linear: columns;
+# RowwiseParallel Embedding: vocabulary rows); the norms are whole on every rank.
+TP_CHUNK_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
+                "feed_forward.w3": 0, "output": 0, "tok_embeddings": 0, "attention.wo": 1, "feed_forward.w2": 1}
+
+TP_RANK = r'''
+"""One tensor-parallel rank, started by tests/test_llama.py: for each case, the LLaMA on the
+meta device, lavin_fast.parallel's plan, this rank's shards read by load_llama_weights, and a
+forward; what the rank holds and computes is written to rank{RANK}.pt."""
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from lavin_fast.checkpoints.llama import load_llama_weights, open_llama
+from lavin_fast.models.llama import Transformer
+from lavin_fast.parallel import apply_tensor_parallel
+
+
+class Holder(nn.Module):
+    """apply_tensor_parallel takes a LaVIN: it splits `.llama` and keeps the trainable flags."""
+
+    def __init__(self, llama):
+        super().__init__()
+        self.llama = llama
+
+
+def main(out):
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tokens = torch.load(out / "tokens.pt", weights_only=True)
+    adapters = torch.load(out / "adapters.pt", weights_only=True)
+    results = {}
+    for case in json.loads((out / "cases.json").read_text()):
+        source = open_llama(case["folder"])
+        with torch.device("meta"):
+            llama = Transformer(source.config)
+        if case["adapters"]:  # materialised, replicated, not in the checkpoint
+            for n, layer in enumerate(llama.layers):
+                layer.adapter_attn = nn.Linear(source.config.dim, source.config.dim, device="cpu")
+                layer.adapter_attn.load_state_dict({"weight": adapters[f"layers.{n}.adapter_attn.weight"],
+                                                    "bias": adapters[f"layers.{n}.adapter_attn.bias"]})
+        apply_tensor_parallel(Holder(llama), mesh, sequence_parallel=case["sequence_parallel"])
+        load_llama_weights(llama, source, dtype=getattr(torch, case["dtype"]) if case["dtype"] else None)
+        result = {"local": {}, "placements": {}, "adapters": {}}
+        for key, value in llama.state_dict().items():
+            if "adapter" in key:
+                result["adapters"][key] = value.clone()
+            elif isinstance(value, DTensor):
+                result["local"][key] = value.to_local().clone()
+                result["placements"][key] = [[type(p).__name__, getattr(p, "dim", None)] for p in value.placements]
+            else:
+                result["local"][key] = value.clone()
+                result["placements"][key] = None
+        if case["forward"]:
+            with torch.no_grad():
+                result["logits"] = llama.eval()(tokens)
+        results[case["name"]] = result
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+'''
+
+
+def _run_ranks(script: Path, out: Path, world: int = 2, timeout: float = 60.0) -> None:
+    """`world` processes of `script` joined by torch.distributed's env:// rendezvous on a free
+    local port; fails with their output unless every one exits 0 within `timeout`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    processes, logs = [], []
+    deadline = time.monotonic() + timeout
+    try:
+        for rank in range(world):
+            logs.append(open(out / f"rank{rank}.log", "w"))
+            processes.append(subprocess.Popen([sys.executable, str(script), str(out)], cwd=root, stdout=logs[-1],
+                                              stderr=subprocess.STDOUT,
+                                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
+    codes = [process.returncode for process in processes]
+    if codes != [0] * world:
+        output = "\n".join(f"--- rank {rank} ---\n" + (out / f"rank{rank}.log").read_text()[-4000:]
+                           for rank in range(world))
+        pytest.fail(f"tensor-parallel ranks exited {codes} (negative: killed after {timeout} s):\n{output}")
+
+
+def test_tensor_parallel_ranks_load_only_their_shards(tmp_path):
+    """Two gloo processes, each: the LLaMA on the meta device, lavin_fast.parallel's plan, then
+    load_llama_weights. Each rank must hold exactly its chunk of every split weight (half of
+    it: never the whole model) and the whole norms, adapters untouched, and compute the
+    one-process logits. Meta folders of 2 and 4 shards (2 shards per rank), Hugging Face
+    safetensors (q/k un-permuted per rank's heads, GQA), tied embeddings; with sequence
+    parallel the layers' norms are Replicate DTensors (loaded in bf16, checked, not run)."""
+    params = CONFIGS["gqa"]
+    meta = _meta_weights(params, seed=11)
+    folders = {"meta-2": _write_meta(tmp_path / "meta-2", meta, params, shards=2),
+               "meta-4": _write_meta(tmp_path / "meta-4", meta, params, shards=4),
+               "hf": _save_hf_folder(tmp_path / "hf", meta, params),
+               "hf-tied": _save_hf_folder(tmp_path / "hf-tied", _tied(meta), params, tied=True)}
+    adapters = _linear_adapters(params["dim"], params["n_layers"], seed=3)
+    tokens = _tokens(5)
+    torch.save(adapters, tmp_path / "adapters.pt")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    # The sequence-parallel case is loaded, not run: its forward needs a length divisible by
+    # the two ranks and is judged in tests/test_parallel.py.
+    cases = [dict(name=name, folder=str(folders[folder]), adapters=adapters_on, sequence_parallel=sp, dtype=dtype,
+                  forward=not sp)
+             for name, folder, adapters_on, sp, dtype in [
+                 ("meta-2", "meta-2", False, False, None),
+                 ("meta-4-adapters", "meta-4", True, False, None),
+                 ("hf", "hf", False, False, None),
+                 ("hf-tied-adapters", "hf-tied", True, False, None),
+                 ("meta-2-sequence-parallel-bf16", "meta-2", False, True, "bfloat16")]]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "tp_rank.py").write_text(TP_RANK)
+
+    _run_ranks(tmp_path / "tp_rank.py", tmp_path)
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for case in cases:
+        dtype = getattr(torch, case["dtype"]) if case["dtype"] else None
+        reference = load_llama(case["folder"], dtype=dtype)
+        if case["adapters"]:
+            _attach_adapters(reference, adapters)
+        expected_state = {key: value for key, value in reference.state_dict().items() if "adapter" not in key}
+        logits = _logits(reference, tokens) if case["forward"] else None
+        for rank, results in enumerate(ranks):
+            result, where = results[case["name"]], f"{case['name']} rank {rank}"
+            assert result["local"].keys() == expected_state.keys(), where
+            for key, full in expected_state.items():
+                dim = TP_CHUNK_DIM.get(re.sub(r"^layers\.\d+\.", "", key).removesuffix(".weight"))
+                local, placed = result["local"][key], result["placements"][key]
+                if dim is None:   # norms: inside the layers Replicate DTensors under sequence parallel
+                    in_layer = key.startswith("layers.")
+                    assert placed == ([["Replicate", None]] if case["sequence_parallel"] and in_layer else None), (
+                        where, key)
+                    expected = full
+                else:
+                    assert placed == [["Shard", dim]], (where, key)
+                    expected = full.chunk(2, dim)[rank]
+                    assert local.shape[dim] * 2 == full.shape[dim], (where, key)
+                assert local.dtype == full.dtype, (where, key)
+                torch.testing.assert_close(local, expected, rtol=0, atol=0, msg=f"{where}: {key}")
+            if case["adapters"]:
+                assert result["adapters"].keys() == adapters.keys()
+                for key, value in adapters.items():
+                    torch.testing.assert_close(result["adapters"][key], value, rtol=0, atol=0, msg=f"{where}: {key}")
+            if case["forward"]:
+                torch.testing.assert_close(result["logits"], logits, **TOL, msg=where)
 
 
 # ---- the model: RoPE, LaVIN's attention, KV cache, gradient checkpointing -------------------------

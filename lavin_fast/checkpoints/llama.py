@@ -35,11 +35,24 @@ Hugging Face files). Every other key must match the model in name and shape, or 
 this LLaMA cannot run (RoPE scaling, attention or MLP biases, another activation, a head_dim
 that is not hidden_size / heads, LLaMA-3.1's scaled RoPE) are refused, never approximated.
 
+API: `open_llama` validates a folder (keys, shapes, configuration, replicated and tied
+weights) and returns a `LlamaSource`, which reads one parameter, or one slice of it, on demand;
+`load_llama_weights` fills a model built from `source.config` (typically on the meta device)
+with it; `load_llama` is the two together.
+
 Memory: the model is built on the meta device and takes the checkpoint's tensors by
 assignment. safetensors and zip-format torch files are memory-mapped, so a tensor loaded as it
 is (one Meta shard, no q/k permutation, no dtype change) is never copied: its pages are read
 from the file when first touched. Merging Meta shards, converting dtype and un-permuting q/k
 make one new tensor at a time, so the peak is the model plus one tensor.
+
+Tensor parallelism: apply the plan (`lavin_fast.parallel.apply_tensor_parallel`) to the model
+while it is on the meta device; its parameters become DTensors on meta, and
+`load_llama_weights` reads for each only this rank's slice (a Shard(d) placement: this rank's
+contiguous chunk of dim d; Replicate: the whole tensor). A slice along the dim Meta's shards
+split takes only the shard pieces it overlaps; a Hugging Face slice is read from the mapped
+file, and q/k rows are un-permuted per head (tensor parallelism cuts them at head boundaries).
+No rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -54,6 +67,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, load_strict
 from lavin_fast.models.llama import LlamaConfig, Transformer
@@ -108,15 +122,76 @@ HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
 @dataclass
 class _Checkpoint:
     """Tensor names and shapes of a checkpoint (possibly several files), and how to read one
-    tensor lazily. `where`: key -> the file holding it."""
+    tensor, or one slice of it, lazily. `where`: key -> the file holding it; `readers`: file ->
+    read(key, dim, start, length), whole when dim is None (a view of the mapped file where the
+    format allows it)."""
 
     source: str
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     where: dict[str, Path] = field(default_factory=dict)
-    readers: dict[Path, Callable[[str], Tensor]] = field(default_factory=dict)
+    readers: dict[Path, Callable[[str, int | None, int, int | None], Tensor]] = field(default_factory=dict)
 
-    def read(self, key: str) -> Tensor:
-        return self.readers[self.where[key]](key)
+    def read(self, key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> Tensor:
+        return self.readers[self.where[key]](key, dim, start, length)
+
+
+@dataclass
+class LlamaSource:
+    """An opened and validated LLaMA checkpoint (`open_llama`): its configuration and a reader
+    of each parameter under our (Meta's) names, whole or in slices.
+
+    config: the LlamaConfig to build the model with. source: the checkpoint, for messages.
+    shapes: every LLaMA parameter's full shape, by our name (adapters are not in a checkpoint).
+    """
+
+    config: LlamaConfig
+    source: str
+    shapes: dict[str, tuple[int, ...]]
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, length: int | None = None, *,
+             dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Tensor:
+        """Parameter `key` (e.g. "layers.3.attention.wq.weight"), or only its slice
+        [start, start + length) along `dim` (length: to the end), read from the file(s) as
+        little as the format allows. dtype / device: convert on the way (default: as stored, on
+        the CPU). Tensors taken as they are may be views of the read-only file mapping.
+        Raises KeyError for a name this LLaMA does not have, ValueError for a slice outside
+        the tensor or, for Hugging Face q/k, rows that do not begin and end on a head boundary.
+        """
+        if key not in self.shapes:
+            raise KeyError(f"{self.source}: {key!r} is not a parameter of this LLaMA")
+        shape = self.shapes[key]
+        if dim is None:
+            if start != 0 or length is not None:
+                raise ValueError(f"LlamaSource.read({key!r}): start and length need a dim")
+            return self._read(key, None, 0, None, dtype, device)
+        if not -len(shape) <= dim < len(shape):
+            raise ValueError(f"LlamaSource.read({key!r}): dim {dim} out of range for shape {shape}")
+        dim %= len(shape)
+        length = shape[dim] - start if length is None else length
+        if start < 0 or length < 0 or start + length > shape[dim]:
+            raise ValueError(f"LlamaSource.read({key!r}): [{start}, {start + length}) on dim {dim} is outside "
+                             f"its size {shape[dim]}")
+        return self._read(key, dim, start, length, dtype, device)
+
+    def _origin(self, key: str) -> str:
+        """The checkpoint tensor `key` is read from (two of ours share one when it is tied)."""
+        return key
+
+    def _read(self, key: str, dim: int | None, start: int, length: int | None, dtype: torch.dtype | None,
+              device: str | torch.device | None) -> Tensor:
+        raise NotImplementedError
+
+
+def open_llama(path: str | Path, *, max_seq_len: int = 512) -> LlamaSource:
+    """Open and validate a Meta or a Hugging Face LLaMA folder (module docstring) without
+    reading its weights, except the few the checks compare (replicated norms of Meta shards,
+    a Hugging Face lm_head next to tied embeddings).
+
+    max_seq_len: the KV cache length `Transformer.new_cache` defaults to. Raises
+    CheckpointError on any missing, unexpected or mis-shaped key, on a configuration this
+    LLaMA cannot run, and on a folder that is neither format.
+    """
+    return _open(Path(path), max_seq_len, "open_llama")
 
 
 def load_llama(
@@ -126,31 +201,155 @@ def load_llama(
     device: str | torch.device = "cpu",
     max_seq_len: int = 512,
 ) -> Transformer:
-    """A LLaMA from a Meta or a Hugging Face folder (module docstring).
+    """A LLaMA from a Meta or a Hugging Face folder (module docstring): `open_llama`, the
+    model on the meta device, `load_llama_weights`.
 
     dtype: convert the weights (default: keep the checkpoint's). device: where the weights go.
     max_seq_len: the KV cache length `Transformer.new_cache` defaults to. Raises
     CheckpointError on any missing, unexpected or mis-shaped key, on a configuration this
     LLaMA cannot run, and on a folder that is neither format.
     """
-    path = Path(path)
+    _check_dtype(dtype, "load_llama")
+    source = _open(Path(path), max_seq_len, "load_llama")
+    with torch.device("meta"):
+        model = Transformer(source.config)
+    load_llama_weights(model, source, dtype=dtype, device=device)
+    return model
+
+
+def load_llama_weights(
+    model: Transformer,
+    source: LlamaSource,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Fill `model` (built from `source.config`, typically on the meta device, possibly with
+    LaVIN's adapters attached and a tensor-parallel plan applied) with the checkpoint's weights.
+
+    Every LLaMA entry of the state dict (those whose name holds "adapter" are not in a LLaMA
+    checkpoint and are left as they are) is assigned: a DTensor gets only this rank's slice,
+    read from the checkpoint and wrapped with its mesh and placements (Shard(d) on a mesh dim:
+    the rank's contiguous chunk of dim d, which must divide evenly; Replicate: the whole
+    tensor); a plain tensor gets the whole parameter. dtype: convert (default: keep the
+    checkpoint's); device: where the weights (the local shards) go. Strict: every LLaMA key,
+    every shape, or CheckpointError.
+    """
+    _check_dtype(dtype, "load_llama_weights")
+    full = model.state_dict()
+    ours = {key: value for key, value in full.items() if "adapter" not in key}
+    check_state_dict(ours, {key: torch.empty(shape, device="meta") for key, shape in source.shapes.items()},
+                     source.source)
+
+    uses = Counter(source._origin(key) for key in ours)
+    shared: dict[tuple, Tensor] = {}  # a tied embedding: read and converted once for both parameters
+    state: dict[str, Tensor] = {}
+    for key, target in ours.items():  # one tensor at a time: the peak is the model plus one tensor
+        if isinstance(target, DTensor):
+            dim, start, length = _local_slice(key, target)
+            mesh = target.device_mesh
+            if torch.device(device).type != mesh.device_type:
+                raise ValueError(f"load_llama_weights: device {device} but {key} lives on a {mesh.device_type} "
+                                 "mesh; pass a device of the mesh's type")
+        else:
+            dim, start, length = None, 0, None
+        origin = (source._origin(key), dim, start, length)
+        tensor = shared.get(origin)
+        if tensor is None:
+            tensor = source.read(key, dim, start, length, dtype=dtype, device=device)
+            if isinstance(target, DTensor):
+                tensor = tensor.contiguous()
+            if uses[origin[0]] > 1:
+                shared[origin] = tensor
+        if isinstance(target, DTensor):
+            tensor = DTensor.from_local(tensor, target.device_mesh, target.placements, run_check=False,
+                                        shape=target.shape, stride=target.stride())
+        state[key] = tensor
+
+    if len(ours) == len(full):
+        load_strict(model, state, source.source)
+        return
+    # Adapters attached (and maybe already materialised): strict over exactly the LLaMA keys.
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != set(full) - set(ours) or unexpected:
+        raise CheckpointError(f"{source.source}: loading left LLaMA keys unassigned: "
+                              f"{sorted(set(missing) & set(ours))}, unexpected: {sorted(unexpected)}")
+
+
+def _check_dtype(dtype: torch.dtype | None, caller: str) -> None:
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"load_llama: dtype must be a floating point type, got {dtype}")
+        raise ValueError(f"{caller}: dtype must be a floating point type, got {dtype}")
+
+
+def _local_slice(key: str, tensor: DTensor) -> tuple[int | None, int, int | None]:
+    """(dim, start, length) of this rank's part of `tensor` ((None, 0, None): all of it), from
+    its placements: mesh dims are applied in order, each Shard(d) cutting the current part of
+    dim d into equal contiguous chunks."""
+    mesh, shape = tensor.device_mesh, tuple(tensor.shape)
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError(f"load_llama_weights: this rank is not in the mesh of {key}")
+    start, length = [0] * len(shape), list(shape)
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard:  # Partial, _StridedShard, ...: not a layout a checkpoint fills
+            raise ValueError(f"load_llama_weights: {key} has placement {placement} on mesh dim {mesh_dim}; "
+                             "only Shard(d) and Replicate can be loaded")
+        d, ranks = placement.dim % len(shape), mesh.size(mesh_dim)
+        if length[d] % ranks:
+            raise ValueError(f"load_llama_weights: {key} of shape {shape} cannot be split evenly: size "
+                             f"{length[d]} of dim {d} over {ranks} ranks (mesh dim {mesh_dim})")
+        length[d] //= ranks
+        start[d] += coordinate[mesh_dim] * length[d]
+    cut = [d for d in range(len(shape)) if length[d] != shape[d]]
+    if not cut:
+        return None, 0, None
+    if len(cut) > 1:
+        raise ValueError(f"load_llama_weights: {key} is sharded on dims {cut}; one sharded dim is supported")
+    return cut[0], start[cut[0]], length[cut[0]]
+
+
+def _open(path: Path, max_seq_len: int, caller: str) -> LlamaSource:
     if not path.exists():
-        raise FileNotFoundError(f"load_llama: no such folder: {path}")
+        raise FileNotFoundError(f"{caller}: no such folder: {path}")
     if not path.is_dir():
-        raise CheckpointError(f"load_llama: {path} is a file; pass the folder holding params.json (Meta) "
+        raise CheckpointError(f"{caller}: {path} is a file; pass the folder holding params.json (Meta) "
                               "or config.json (Hugging Face)")
     is_meta, is_hf = (path / "params.json").is_file(), (path / "config.json").is_file()
     if is_meta and is_hf:
-        raise CheckpointError(f"load_llama: {path} holds both params.json (Meta) and config.json (Hugging Face); "
+        raise CheckpointError(f"{caller}: {path} holds both params.json (Meta) and config.json (Hugging Face); "
                               "point at a folder with one format")
     if is_meta:
-        return _load_meta(path, dtype, device, max_seq_len)
+        return _open_meta(path, max_seq_len)
     if is_hf:
-        return _load_hf(path, dtype, device, max_seq_len)
-    raise CheckpointError(f"load_llama: {path} is neither a Meta LLaMA folder (params.json + consolidated.NN.pth) "
+        return _open_hf(path, max_seq_len)
+    raise CheckpointError(f"{caller}: {path} is neither a Meta LLaMA folder (params.json + consolidated.NN.pth) "
                           "nor a Hugging Face one (config.json + model.safetensors or pytorch_model.bin)")
+
+
+def _model_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in Transformer(config).state_dict().items()}
+
+
+def _convert(tensor: Tensor, dtype: torch.dtype | None, device: str | torch.device | None) -> Tensor:
+    return tensor.detach().to(device=device, dtype=dtype)  # no copy when nothing changes
+
+
+def _join(parts: list[Tensor], dim: int, dtype: torch.dtype | None, device: str | torch.device | None) -> Tensor:
+    """parts concatenated along dim, converted: one allocation the parts are copied into
+    (converted on the way), instead of converted parts plus their concatenation."""
+    if len(parts) == 1:
+        return _convert(parts[0], dtype, device)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(part.shape[dim] for part in parts)
+    merged = torch.empty(shape, dtype=dtype or parts[0].dtype, device=device or parts[0].device)
+    offset = 0
+    for part in parts:
+        merged.narrow(dim, offset, part.shape[dim]).copy_(part)
+        offset += part.shape[dim]
+    return merged
 
 
 def save_llama(model: Transformer, folder: str | Path) -> Path:
@@ -176,7 +375,32 @@ def save_llama(model: Transformer, folder: str | Path) -> Path:
 
 # ---- Meta folders --------------------------------------------------------------------------------
 
-def _load_meta(folder: Path, dtype: torch.dtype | None, device: str | torch.device, max_seq_len: int) -> Transformer:
+@dataclass
+class _MetaSource(LlamaSource):
+    """Meta shards (each a memory-mapped state dict), split as META_SPLIT_DIM says."""
+
+    shards: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
+
+    def _read(self, key: str, dim: int | None, start: int, length: int | None, dtype: torch.dtype | None,
+              device: str | torch.device | None) -> Tensor:
+        pieces = [shard[key] for shard in self.shards]
+        split = _split_dim(key)
+        if split is None:  # replicated (equal in every shard, checked when opened)
+            piece = pieces[0] if dim is None else pieces[0].narrow(dim, start, length)
+            return _convert(piece, dtype, device)
+        if dim is None:
+            return _join(pieces, split, dtype, device)  # one shard: the mapped tensor itself
+        if dim != split:  # every shard holds part of the slice: narrow each, then join
+            return _join([piece.narrow(dim, start, length) for piece in pieces], split, dtype, device)
+        per, parts = pieces[0].shape[split], []  # only the shards the slice overlaps
+        for index, piece in enumerate(pieces):
+            low, high = max(start, index * per), min(start + length, (index + 1) * per)
+            if low < high:
+                parts.append(piece.narrow(split, low - index * per, high - low))
+        return _join(parts or [pieces[0].narrow(split, 0, 0)], split, dtype, device)
+
+
+def _open_meta(folder: Path, max_seq_len: int) -> LlamaSource:
     params_file = folder / "params.json"
     params = _read_json(params_file)
     files = _meta_shard_files(folder)
@@ -185,45 +409,28 @@ def _load_meta(folder: Path, dtype: torch.dtype | None, device: str | torch.devi
                for rank, file in enumerate(files)]
     config = _meta_config(params, params_file, shards[0], sources[0], max_seq_len)
 
-    with torch.device("meta"):
-        model = Transformer(config)
-    ours = model.state_dict()
+    shapes = _model_shapes(config)
     count = len(shards)
     expected = {}  # per-shard shape of every key: Meta splits evenly across ranks
-    for key, tensor in ours.items():
+    for key, full in shapes.items():
         dim = _split_dim(key)
-        shape = list(tensor.shape)
+        shape = list(full)
         if dim is not None:
             if shape[dim] % count:
-                raise CheckpointError(f"Meta LLaMA {folder}: {key} of shape {tuple(tensor.shape)} cannot be split "
+                raise CheckpointError(f"Meta LLaMA {folder}: {key} of shape {full} cannot be split "
                                       f"evenly into {count} shards on dim {dim}")
             shape[dim] //= count
         expected[key] = torch.empty(shape, device="meta")
     for shard, source in zip(shards, sources):
         found = {key: value for key, value in shard.items() if not META_UNUSED.fullmatch(key)}
         check_state_dict(expected, found, source)
-
-    state = {}
-    for key, tensor in ours.items():  # one tensor at a time: the peak is the model plus one tensor
-        pieces = [shard[key] for shard in shards]
-        dim = _split_dim(key)
-        if dim is None:
-            for piece, file in zip(pieces[1:], files[1:]):
-                if not torch.equal(piece, pieces[0]):  # a replicated weight that differs: a broken merge
+    for key in shapes:  # the replicated weights (norms: small) must be equal, or the merge is broken
+        if _split_dim(key) is None:
+            for shard, file in zip(shards[1:], files[1:]):
+                if not torch.equal(shard[key], shards[0][key]):
                     raise CheckpointError(f"Meta LLaMA {folder}: {key} is replicated in every shard but "
                                           f"{file.name} differs from {files[0].name}")
-            state[key] = pieces[0].detach().to(device=device, dtype=dtype)
-        elif count == 1:
-            state[key] = pieces[0].detach().to(device=device, dtype=dtype)  # mmap-backed: no copy
-        else:
-            # One allocation that the shards are copied into (and converted on the way), instead
-            # of converted pieces plus their concatenation.
-            merged = torch.empty(tensor.shape, dtype=dtype or pieces[0].dtype, device=device)
-            for piece, part in zip(pieces, merged.chunk(count, dim=dim)):
-                part.copy_(piece)
-            state[key] = merged
-    load_strict(model, state, f"Meta LLaMA {folder}")
-    return model
+    return _MetaSource(config, f"Meta LLaMA {folder}", shapes, shards=shards)
 
 
 def _split_dim(key: str) -> int | None:
@@ -271,22 +478,49 @@ def _meta_config(params: Mapping, params_file: Path, shard0: Mapping[str, Tensor
 
 # ---- Hugging Face folders ------------------------------------------------------------------------
 
-def _load_hf(folder: Path, dtype: torch.dtype | None, device: str | torch.device, max_seq_len: int) -> Transformer:
+@dataclass
+class _HFSource(LlamaSource):
+    """A Hugging Face checkpoint: `names` maps ours to theirs; `heads` the q/k keys (rows
+    permuted by Hugging Face) to their number of heads."""
+
+    checkpoint: _Checkpoint | None = field(default=None, repr=False)
+    names: dict[str, str] = field(default_factory=dict, repr=False)
+    heads: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def _origin(self, key: str) -> str:
+        return self.names[key]
+
+    def _read(self, key: str, dim: int | None, start: int, length: int | None, dtype: torch.dtype | None,
+              device: str | torch.device | None) -> Tensor:
+        tensor = self.checkpoint.read(self.names[key], dim, start, length)
+        heads = self.heads.get(key)
+        if heads is None:
+            return _convert(tensor, dtype, device)
+        if dim == 0:  # a slice of rows: whole heads only, each un-permuted on its own
+            head_dim = self.config.head_dim
+            if start % head_dim or length % head_dim:
+                raise ValueError(f"LlamaSource.read({key!r}): rows [{start}, {start + length}) of a Hugging Face "
+                                 f"q/k projection must begin and end on a head boundary (head_dim {head_dim}): "
+                                 "its rows are permuted within each head")
+            heads = length // head_dim
+        tensor = _convert(tensor, dtype, device)
+        return _unpermute(tensor, heads) if heads else tensor
+
+
+def _open_hf(folder: Path, max_seq_len: int) -> LlamaSource:
     config_file = folder / "config.json"
     raw = _read_json(config_file)
     config, tied = _hf_config(raw, config_file, max_seq_len)
     checkpoint = _open_hf_weights(folder)
 
-    with torch.device("meta"):
-        model = Transformer(config)
-    ours = model.state_dict()
+    shapes = _model_shapes(config)
     names = dict(HF_GLOBAL)  # ours -> theirs
     for n in range(config.n_layers):
         names.update({f"layers.{n}.{o}": HF_LAYER.format(n=n) + t for o, t in HF_IN_LAYER.items()})
     lm_head = names["output.weight"]
     if tied and lm_head not in checkpoint.shapes:  # transformers saves a tied head once, as the embedding
         names["output.weight"] = names["tok_embeddings.weight"]
-    expected = {names[key]: torch.empty(tensor.shape, device="meta") for key, tensor in ours.items()}
+    expected = {names[key]: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     if tied and lm_head in checkpoint.shapes:  # an explicit lm_head next to tied embeddings: the same matrix
         expected[lm_head] = expected[names["tok_embeddings.weight"]]
     found = {key: torch.empty(shape, device="meta") for key, shape in checkpoint.shapes.items()
@@ -299,19 +533,7 @@ def _load_hf(folder: Path, dtype: torch.dtype | None, device: str | torch.device
 
     heads = {f"layers.{n}.attention.{w}.weight": h for n in range(config.n_layers)
              for w, h in (("wq", config.n_heads), ("wk", config.kv_heads))}
-    shared = {theirs for theirs, uses in Counter(names.values()).items() if uses > 1}  # a tied embedding
-    state: dict[str, Tensor] = {}
-    converted: dict[str, Tensor] = {}
-    for key in ours:  # one tensor at a time
-        theirs = names[key]
-        tensor = converted.get(theirs)
-        if tensor is None:
-            tensor = checkpoint.read(theirs).detach().to(device=device, dtype=dtype)
-            if theirs in shared:  # converted once, the same tensor for both parameters
-                converted[theirs] = tensor
-        state[key] = _unpermute(tensor, heads[key]) if key in heads else tensor
-    load_strict(model, state, checkpoint.source)
-    return model
+    return _HFSource(config, checkpoint.source, shapes, checkpoint=checkpoint, names=names, heads=heads)
 
 
 def _unpermute(weight: Tensor, heads: int) -> Tensor:
@@ -413,11 +635,19 @@ def _add_file(checkpoint: _Checkpoint, file: Path) -> None:
         except Exception as error:
             raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from error
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-        read = handle.get_tensor
+
+        def read(key: str, dim: int | None, start: int, length: int | None) -> Tensor:
+            if dim is None:
+                return handle.get_tensor(key)  # a view of the mapped file
+            index = [slice(None)] * len(shapes[key])
+            index[dim] = slice(start, start + length)
+            return handle.get_slice(key)[tuple(index)]  # reads only the slice (also a view of the mapping)
     else:
         state = _as_state_dict(_torch_load(file), file)
         shapes = {key: tuple(value.shape) for key, value in state.items()}
-        read = state.__getitem__
+
+        def read(key: str, dim: int | None, start: int, length: int | None) -> Tensor:
+            return state[key] if dim is None else state[key].narrow(dim, start, length)
     for key, shape in shapes.items():
         if key in checkpoint.where:
             raise CheckpointError(f"{checkpoint.source}: key {key} is in both {checkpoint.where[key]} and {file}")

@@ -223,7 +223,7 @@ class TransformerBlock(nn.Module):
             if cache is not None and start_pos > 0:
                 if cache.routing is None:
                     raise ValueError("decoding past position 0 needs the routing cached at position 0")
-                h = self.adapter_attn(h, cache.routing)
+                h = self.adapter_attn(h, weights=cache.routing)
             else:
                 h = self.adapter_attn(h)
                 if cache is not None:
@@ -265,10 +265,13 @@ class Transformer(nn.Module):
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None
+            # Only h is positional: a tensor-parallel plan sees one input per layer (keyword
+            # arguments pass through its input preparation untouched).
+            extra = dict(cos=cos, sin=sin, start_pos=start_pos, cache=layer_cache, isolate_first=isolate_first)
             if checkpointed:
-                h = checkpoint(layer, h, cos, sin, start_pos, layer_cache, isolate_first, use_reentrant=False)
+                h = checkpoint(layer, h, use_reentrant=False, **extra)
             else:
-                h = layer(h, cos, sin, start_pos, layer_cache, isolate_first)
+                h = layer(h, **extra)
         return self.norm(h)
 
     def forward(self, tokens: Tensor | None = None, **kwargs) -> Tensor:
