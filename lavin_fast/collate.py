@@ -86,11 +86,14 @@ class CollateStats:
 
 
 class Collator:
-    """Samples -> `Batch`, padded to the longest sequence of the batch (not to max_len)."""
+    """Samples -> `Batch`, padded to the longest sequence of the batch (not to max_len), rounded
+    up to a multiple of `pad_multiple` (sequence parallelism splits the length evenly)."""
 
-    def __init__(self, layout: SequenceLayout, image_loader: Callable[[Path], Tensor] = preprocess) -> None:
+    def __init__(self, layout: SequenceLayout, image_loader: Callable[[Path], Tensor] = preprocess,
+                 pad_multiple: int = 1) -> None:
         self.layout = layout
         self.image_loader = image_loader
+        self.pad_multiple = pad_multiple
         self.stats = CollateStats()
 
     def sequence(self, sample: Sample) -> tuple[list[int], int] | None:
@@ -112,7 +115,7 @@ class Collator:
         kept = [(s, seq) for s in samples if (seq := self.sequence(s)) is not None]
         if not kept:
             raise ValueError(f"none of the {len(samples)} samples fits in {self.layout.max_len} tokens")
-        length = max(len(ids) for _, (ids, _) in kept)
+        length = -(-max(len(ids) for _, (ids, _) in kept) // self.pad_multiple) * self.pad_multiple
         tokens = torch.zeros(len(kept), length, dtype=torch.long)
         targets = torch.full((len(kept), length), IGNORE, dtype=torch.long)
         for row, (_, (ids, answer_start)) in enumerate(kept):

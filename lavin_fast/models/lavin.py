@@ -15,6 +15,7 @@ but itself, so each layer's router, which reads position 0, depends on the modal
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,15 +104,22 @@ class LaVIN(nn.Module):
     @classmethod
     def from_pretrained(cls, llama: str | Path, clip: str | Path, adapters: str | Path | None = None, *,
                         preset: str | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", max_seq_len: int = 512, **overrides) -> LaVIN:
-        """LaVIN on real backbones: `llama` a Meta or Hugging Face folder (`load_llama`), `clip` an
+                        device: str | torch.device = "cpu", max_seq_len: int = 512,
+                        parallelize: Callable[[LaVIN], None] | None = None, **overrides) -> LaVIN:
+        """LaVIN on real backbones: `llama` a Meta or Hugging Face folder (`open_llama`), `clip` an
         OpenAI file or Hugging Face folder (`load_clip`), `adapters` (optional) a lavin_fast adapter
         file or the reference's `checkpoint-E.pth` (`load_adapters`).
 
         Adapter hyper-parameters come from the adapter file when it is lavin_fast's, else from
         `preset` ("7b", "13b", "tiny"; default by the LLaMA's width: 5120 -> "13b", else "7b")
-        and the reference checkpoint's recorded temperature, then from `overrides`. dtype converts the frozen backbones; the
-        trainable parameters are created in fp32 on `device`. Loading is strict throughout."""
+        and the reference checkpoint's recorded temperature, then from `overrides`. dtype
+        converts the frozen backbones; the trainable parameters are created in fp32 on `device`.
+        Loading is strict throughout.
+
+        parallelize: applied to the assembled model while the LLaMA is still on the meta device
+        (e.g. `lavin_fast.parallel.apply_tensor_parallel`); the LLaMA's weights are then read
+        into whatever it made of them, so under tensor parallelism each rank reads only its shard.
+        """
         from lavin_fast.checkpoints.adapters import (
             is_lavin_fast_file,
             load_adapters,
@@ -119,21 +127,26 @@ class LaVIN(nn.Module):
             read_reference_args,
         )
         from lavin_fast.checkpoints.clip import load_clip
-        from lavin_fast.checkpoints.llama import load_llama
+        from lavin_fast.checkpoints.llama import load_llama_weights, open_llama
 
-        llama_model = load_llama(llama, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        source = open_llama(llama, max_seq_len=max_seq_len)
+        with torch.device("meta"):
+            llama_model = Transformer(source.config)
         vit = load_clip(clip, dtype=dtype, device=device)
         if adapters is not None and is_lavin_fast_file(adapters):
             base = read_adapter_config(adapters)
         else:
-            base = LaVINConfig.from_preset(preset or ("13b" if llama_model.config.dim == 5120 else "7b"))
+            base = LaVINConfig.from_preset(preset or ("13b" if source.config.dim == 5120 else "7b"))
             if adapters is not None and "temperature" in (args := read_reference_args(adapters)):
                 base = dataclasses.replace(base, temperature=float(args["temperature"]))
-        config = dataclasses.replace(base, llama=llama_model.config, vit=vit.config, **overrides)
+        config = dataclasses.replace(base, llama=source.config, vit=vit.config, **overrides)
         with torch.device(device):
             model = cls(config, llama=llama_model, vit=vit)
         if adapters is not None:
             load_adapters(model, adapters)
+        if parallelize is not None:
+            parallelize(model)
+        load_llama_weights(model.llama, source, dtype=dtype, device=device)
         return model
 
     def save_adapters(self, path: str | Path) -> Path:
@@ -206,6 +219,10 @@ class LaVIN(nn.Module):
             visual = self.adapter_proj(self.vit(images)).to(h.dtype)             # [n_images, 6, d]
             rows = has_image.nonzero().squeeze(1)
             h = h.index_put((rows[:, None], torch.arange(image_start, end, device=h.device)[None, :]), visual)
+        else:  # no image went in: the ViT's routing of an earlier batch must not be reported
+            for block in self.vit.blocks:
+                if block.adapter_attn is not None:
+                    block.adapter_attn.last_routing = None
         return h
 
     def hidden_states(self, batch: Batch, cache: KVCache | None = None) -> Tensor:
