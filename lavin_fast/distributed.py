@@ -14,8 +14,10 @@ Checkpoint folder (`step-N/`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +65,19 @@ class Session:
 
     # ---- model -------------------------------------------------------------------------------
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        return parallel.parallelize(model, self.mesh, getattr(self.cfg, "sequence_parallel", False))
+    def tensor_parallel_plan(self) -> Callable[[nn.Module], None] | None:
+        """What `LaVIN.from_pretrained(parallelize=...)` applies before loading: the TP plan over
+        mesh["tp"], or None with one tensor-parallel rank."""
+        if self.tp_size == 1:
+            return None
+        return functools.partial(parallel.apply_tensor_parallel, tp_mesh=self.mesh["tp"],
+                                 sequence_parallel=self.cfg.sequence_parallel)
+
+    def data_parallel(self, model: nn.Module) -> nn.Module:
+        """FSDP2 over mesh["dp"] for the trainable parameters (nothing with one data-parallel rank)."""
+        if self.dp_size > 1:
+            parallel.apply_data_parallel(model, self.mesh["dp"])
+        return model
 
     def autocast(self):
         """bf16/fp16 autocast on CUDA when the backbone is in that dtype; nothing on CPU."""

@@ -10,6 +10,10 @@
   parameters (adapters, neck, modality embedding): frozen weights are ignored, never gathered
   nor reduced; gradients of the ~3.8M trainable parameters are reduce-scattered.
 
+The trainer applies the tensor-parallel plan while the LLaMA is still on the meta device
+(`LaVIN.from_pretrained(parallelize=...)`), so each rank then reads only its shard of the
+checkpoint; data parallelism comes after loading.
+
 Communication per layer with TP: without sequence parallel, one all-reduce after `wo` and one
 after `w2` (the Megatron minimum); with it, an all-gather before the adapter (needed anyway:
 the adapter and attention see the whole sequence) and a reduce-scatter after `wo`, likewise
@@ -23,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -94,10 +98,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     stream = seq if sequence_parallel else Replicate()
     top = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "output": ColwiseParallel(input_layouts=stream, output_layouts=Replicate()),
+        "output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
     }
     if sequence_parallel:
-        top["norm"] = SequenceParallel()
+        # The final norm gets the whole sequence back: LaVIN picks the answer positions out of
+        # its output before the head, an indexing a sequence-sharded tensor cannot take.
+        top["norm"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                         use_local_output=True)
     parallelize_module(llama, tp_mesh, top)
     for index, layer in enumerate(llama.layers):
         plan = {
@@ -112,9 +119,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         if sequence_parallel:
             plan.update({
                 # The residual stream enters the first layer whole (LaVIN builds it from the
-                # embeddings, the image tokens and t_m) and stays sequence-sharded after that.
-                **({"": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(seq,))}
-                   if index == 0 else {}),
+                # embeddings, the image tokens and t_m); between layers it is each rank's plain
+                # slice of the sequence (the length must divide by tp: the trainer pads to it).
+                **({"": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(seq,),
+                                           use_local_output=True)} if index == 0 else {}),
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
                 # All-gather once, before the adapter: it routes on token 0 and, like
@@ -129,17 +137,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh) -> None:
-    """FSDP2 over `dp_mesh` for the trainable parameters only (frozen ones are ignored)."""
+    """FSDP2 over `dp_mesh` for the trainable parameters only (frozen ones are ignored).
+
+    One FSDP unit for all 3.8M trainable parameters: one all-gather before the forward and
+    one reduce-scatter of their gradients after the backward. `loss`, which training calls
+    instead of `forward`, is registered so that FSDP's hooks run around it too."""
     frozen = {param for param in model.parameters() if not param.requires_grad}
     fully_shard(model, mesh=dp_mesh, ignored_params=frozen)
-
-
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, sequence_parallel: bool = False) -> nn.Module:
-    """Tensor parallel over mesh["tp"] (if > 1), then FSDP2 over mesh["dp"] (if > 1)."""
-    if mesh is None:
-        return model
-    if mesh["tp"].size() > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel)
-    if mesh["dp"].size() > 1:
-        apply_data_parallel(model, mesh["dp"])
-    return model
+    register_fsdp_forward_method(model, "loss")
+    # The trainer's loss is already the mean over the whole step's answer tokens (every rank
+    # divides by the global count), so the ranks' gradients are summed, not averaged.
+    model.set_gradient_divide_factor(1.0)
+    model.set_force_sum_reduction_for_comms(True)   # a plain SUM (gloo has no PREMUL_SUM)
+    # A rank whose micro-batch has no image leaves the ViT adapters and the neck without a
+    # gradient; they still join the reduce-scatter (as zeros), or the ranks' collectives differ.
+    model.set_reduce_scatter_unused_params(True)

@@ -104,7 +104,9 @@ def tiny_backbones(folder: str | Path, data_root: str | Path, *, seed: int = 0, 
     tokenizer = Tokenizer.train(texts, paths["tokenizer"], vocab_size)
     config = LaVINConfig.from_preset("tiny")
     torch.manual_seed(seed)
-    llama = Transformer(dataclasses.replace(config.llama, vocab_size=tokenizer.n_words))
+    # The vocabulary rounded up to a multiple of 64 (unused rows never come up): a tensor-parallel
+    # plan splits the embedding and the output head by vocabulary rows.
+    llama = Transformer(dataclasses.replace(config.llama, vocab_size=64 * math.ceil(tokenizer.n_words / 64)))
     if pretrain_steps > 0:
         sequences = [tokenizer.encode(text, bos=True, eos=True) for text in texts]
         losses = pretrain_language_model(llama, sequences, steps=pretrain_steps, seed=seed)

@@ -28,7 +28,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,8 +177,10 @@ def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LaVIN, Tokenizer]:
-    """LaVIN from the configured checkpoints, adapters fp32, backbone in the run's dtype."""
+def build_model(cfg: TrainConfig, device: torch.device,
+                parallelize: Callable[[LaVIN], None] | None = None) -> tuple[LaVIN, Tokenizer]:
+    """LaVIN from the configured checkpoints, adapters fp32, backbone in the run's dtype;
+    `parallelize` (a tensor-parallel plan) is applied before the LLaMA's weights are read."""
     missing = [name for name in ("llama", "clip", "tokenizer") if getattr(cfg, name) is None]
     if missing:
         raise ValueError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
@@ -187,7 +189,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LaVIN, Tokenize
                                    ("neck_activation", cfg.neck_activation)) if v is not None}
     model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
-                                  **overrides)
+                                  parallelize=parallelize, **overrides)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, Tokenizer(cfg.tokenizer)
 
@@ -213,7 +215,7 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
 def build_collator(model: LaVIN, tokenizer: Tokenizer, cfg: TrainConfig) -> Collator:
     layout = SequenceLayout(tokenizer, model.config.image_tokens, cfg.max_len)
     loader = functools.partial(preprocess, size=model.config.vit.image_size, normalization=cfg.image_normalization)
-    return Collator(layout, loader)
+    return Collator(layout, loader, pad_multiple=cfg.tp if cfg.sequence_parallel else 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,10 +261,12 @@ def train(cfg: TrainConfig) -> Path:
     cfg = session.cfg
     out = Path(cfg.out)
     device = session.device
-    torch.manual_seed(cfg.seed + session.rank)   # dropout seeds differ per data-parallel rank
+    torch.manual_seed(cfg.seed)                  # the same fresh adapters on every rank
     random.seed(cfg.seed)
-
-    model, tokenizer = build_model(cfg, device)
+    model, tokenizer = build_model(cfg, device, session.tensor_parallel_plan())
+    # Dropout masks: the same within a tensor-parallel group (its ranks hold replicas of the
+    # adapters and must compute the same thing), different across data-parallel ranks.
+    torch.manual_seed(cfg.seed + 1 + session.dp_rank)
     dataset = build_dataset(cfg)
     collator = build_collator(model, tokenizer, cfg)
     steps_per_epoch = len(dataset) // cfg.effective_batch
@@ -273,7 +277,7 @@ def train(cfg: TrainConfig) -> Path:
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     peak_lr = cfg.lr if cfg.lr is not None else recipe.scaled_lr(cfg.base_lr, cfg.effective_batch)
 
-    model = session.parallelize(model)
+    model = session.data_parallel(model)
     optimizer = recipe.build_optimizer(model, peak_lr, cfg.weight_decay)
     scheduler = recipe.build_scheduler(optimizer, warmup_steps, total_steps)
     state = RunState()
@@ -283,6 +287,11 @@ def train(cfg: TrainConfig) -> Path:
         _set_rng_state(extra["rng"][session.rank] if session.rank < len(extra["rng"]) else extra["rng"][0])
         state.step = extra["step"]
         log.info("resumed from %s at step %d", checkpoint, state.step)
+        if session.is_main:   # checkpoints of steps after it belong to the abandoned continuation
+            for later in (out / "checkpoints").glob("step-*"):
+                if later.is_dir() and int(later.name.split("-")[1]) > state.step:
+                    _remove_tree(later)
+        session.barrier()
     if session.is_main:
         atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         state.records = _read_log_until(out / "log.jsonl", state.step)
@@ -389,7 +398,9 @@ def _progress(cfg: TrainConfig, session, start: int, total: int):
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    # In a log file (not a terminal) one refresh every few seconds is enough.
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
