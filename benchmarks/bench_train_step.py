@@ -1,0 +1,207 @@
+"""Whole LaVIN training steps: tokens/s, MFU, peak memory and where the time goes.
+
+A LaVIN-7B-shaped model with random weights (no download): LLaMA-7B + CLIP ViT-L/14 in bf16,
+fp32 adapters, batch 4 x 512 tokens, half the samples with an image, the answer the last
+quarter of each sequence. Configurations: the adapters and neck on the fused Triton kernels
+or on the pure-PyTorch backend (`LAVIN_FAST_BACKEND`), gradient checkpointing off and on, and
+flash-attn against PyTorch SDPA where flash-attn is installed.
+
+MFU counts the work a frozen backbone really does (ENGINEERING.md): per LLaMA token
+4 N_llama FLOPs (the forward and the activation gradients; no weight gradients) plus causal
+attention, 6 L d per layer (2 L d forward, twice that backward); per image 4 N_vit x 257
+tokens plus its attention likewise (not causal: 12 L d per block); against the GPU's dense
+bf16 peak.
+
+Step-time split: `forward` (loss), `backward`, `optimizer` (AdamW over the 3.8M trainable
+parameters), each timed with CUDA events over the same steps.
+
+    python benchmarks/bench_train_step.py [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+import harness  # noqa: E402  (puts the checkout on sys.path)
+from lavin_fast import recipe  # noqa: E402
+from lavin_fast.collate import Batch  # noqa: E402
+from lavin_fast.models import attention  # noqa: E402
+from lavin_fast.models.lavin import LaVIN, LaVINConfig  # noqa: E402
+from lavin_fast.models.llama import RMSNorm  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_BF16.items() if key in name), None)
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype) -> LaVIN:
+    """Random weights (never zeros: the adapters' up-projections too) without materialising an
+    fp32 copy of the backbone: built on meta, cast, then allocated."""
+    with torch.device("meta"):
+        model = LaVIN(LaVINConfig.from_preset(preset))
+    model.set_backbone_dtype(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def make_batch(model: LaVIN, batch: int, length: int, device: torch.device) -> Batch:
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.llama.vocab_size
+    tokens = torch.randint(3, vocab, (batch, length), generator=gen)
+    targets = torch.full_like(tokens, -100)
+    answer = length - length // 4
+    targets[:, answer - 1:-1] = tokens[:, answer:]
+    has_image = torch.arange(batch) % 2 == 0
+    size = model.config.vit.image_size
+    images = torch.randn(int(has_image.sum()), 3, size, size, generator=gen)
+    return Batch(tokens, targets, has_image, images, image_start=5).to(device)
+
+
+def model_flops(model: LaVIN, batch: Batch) -> float:
+    """FLOPs of one step at a frozen backbone (module docstring)."""
+    llama, vit = model.config.llama, model.config.vit
+    n_llama = sum(p.numel() for n, p in model.llama.named_parameters() if "adapter" not in n and "tok_embeddings" not in n)
+    n_vit = sum(p.numel() for n, p in model.vit.named_parameters() if "adapter" not in n)
+    tokens = batch.tokens.numel()
+    length = batch.tokens.shape[1]
+    text = tokens * (4 * n_llama + 6 * llama.n_layers * length * llama.dim)
+    patches = 1 + vit.grid ** 2
+    images = 0 if batch.images is None else batch.images.shape[0]
+    vision = images * patches * (4 * n_vit + 12 * vit.layers * patches * vit.width)
+    return float(text + vision)
+
+
+class Timer:
+    """Elapsed milliseconds between marks: CUDA events on a GPU, wall clock on a CPU."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def between(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def measure(model: LaVIN, batch: Batch, steps: int, warmup: int) -> dict[str, float]:
+    optimizer = recipe.build_optimizer(model, 1e-4)
+    timer = Timer()
+    split = {"forward": [], "backward": [], "optimizer": []}
+    autocast = torch.autocast("cuda", torch.bfloat16) if torch.cuda.is_available() else contextlib.nullcontext()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(warmup + steps):
+        t0 = timer.mark()
+        with autocast:
+            loss = model.loss(batch)
+        t1 = timer.mark()
+        loss.backward()
+        t2 = timer.mark()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = timer.mark()
+        if step >= warmup:
+            for name, (a, b) in zip(split, ((t0, t1), (t1, t2), (t2, t3))):
+                split[name].append(timer.between(a, b))
+    result = {f"{name}_ms": sum(v) / len(v) for name, v in split.items()}
+    result["step_ms"] = sum(result.values())
+    result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return result
+
+
+def main() -> None:
+    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    device = harness.device()
+    quick = args.quick or device.type == "cpu"
+    preset, batch_size, length = ("tiny", 2, 64) if quick else ("7b", 4, 512)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    steps, warmup = (2, 1) if quick else (10, 3)
+    model = build(preset, device, dtype).train()
+    batch = make_batch(model, batch_size, length, device)
+    flops = model_flops(model, batch)
+    peak = peak_flops()
+    attention_backends = ["sdpa"] + (["flash"] if attention.flash_attn_func is not None and device.type == "cuda" else [])
+    rows = []
+    for backend in ("triton", "torch"):
+        if backend == "triton" and device.type == "cpu":
+            continue                       # the interpreter's speed says nothing about the kernels
+        for checkpointing in (False, True):
+            for attn in attention_backends:
+                model.gradient_checkpointing = checkpointing
+                with environment(LAVIN_FAST_BACKEND=backend, LAVIN_FAST_ATTENTION=attn):
+                    result = measure(model, batch, steps, warmup)
+                tokens_per_s = batch.tokens.numel() / (result["step_ms"] / 1e3)
+                rows.append(dict(preset=preset, batch=batch_size, seq=length, dtype=str(dtype).split(".")[-1],
+                                 kernels=backend, checkpointing=checkpointing, attention=attn, **result,
+                                 tokens_per_s=tokens_per_s,
+                                 TFLOPs=flops / (result["step_ms"] / 1e3) / 1e12,
+                                 MFU=(flops / (result["step_ms"] / 1e3) / peak) if peak else None))
+                print(rows[-1], file=sys.stderr)
+    title = (f"LaVIN training step ({preset}, batch {batch_size} x {length}); "
+             f"{flops / 1e9:.4g} GFLOP per step at a frozen backbone")
+    harness.write_results(rows, args.out, "train_step" + ("_quick" if quick else ""), title,
+                          plot=lambda meta: plot(rows, meta))
+
+
+def plot(rows, meta):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    labels = [f"{r['kernels']}\n{'ckpt' if r['checkpointing'] else 'no ckpt'}\n{r['attention']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part, color in (("forward", "tab:blue"), ("backward", "tab:orange"), ("optimizer", "tab:green")):
+        values = [r[f"{part}_ms"] for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, color=color, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("ms per optimizer step")
+    ax.legend()
+    ax.set_title(f"LaVIN step time on {meta['device']} ({meta['date']}, {meta['commit']})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    main()
