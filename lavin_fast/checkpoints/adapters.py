@@ -74,7 +74,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import lavin_fast
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict
+from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, torch_load
 from lavin_fast.io import atomic_write
 from lavin_fast.models.lavin import TRAINABLE_MARK, LaVIN, LaVINConfig
 
@@ -331,13 +331,7 @@ def _torch_load(path: Path) -> object:
     """`torch.load(weights_only=True)` with argparse.Namespace allowed; never weights_only=False."""
     with torch.serialization.safe_globals(list(REFERENCE_SAFE_GLOBALS)):
         try:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                # The legacy (pre-zip) format cannot be memory-mapped: read it whole.
-                return torch.load(path, map_location="cpu", weights_only=True)
+            return torch_load(path)
         except pickle.UnpicklingError as error:
             blocked = _blocked_globals(path, error)
             if blocked:

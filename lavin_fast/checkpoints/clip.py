@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, load_strict
+from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
 from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer
 
 # ours -> checkpoint, for the parameters outside the blocks and inside block N.
@@ -208,24 +208,14 @@ def _open_file(path: Path) -> _Checkpoint:
 
 def _torch_load(path: Path, source: str) -> object:
     try:
-        try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # Files in the pre-1.6 (non-zip) format cannot be mapped: read them whole.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except Exception as error:
         raise CheckpointError(f"{source} is neither a TorchScript archive, a state dict saved by torch.save "
                               f"(weights_only), nor safetensors: {error}") from error
 
 
 def _from_mapping(state: object, source: str) -> _Checkpoint:
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise CheckpointError(f"{source} is not a flat state dict: key {key!r} holds a {type(value).__name__}")
+    state = flat_state_dict(state, source)
     return _Checkpoint(source, {key: tuple(value.shape) for key, value in state.items()}, state.__getitem__)
 
 

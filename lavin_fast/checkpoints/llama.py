@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, load_strict
+from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
 from lavin_fast.models.llama import LlamaConfig, Transformer
 
 # ---- Meta ----------------------------------------------------------------------------------------
@@ -404,7 +403,7 @@ def _open_meta(folder: Path, max_seq_len: int) -> LlamaSource:
     params_file = folder / "params.json"
     params = _read_json(params_file)
     files = _meta_shard_files(folder)
-    shards = [_as_state_dict(_torch_load(file), file) for file in files]
+    shards = [_torch_load(file) for file in files]
     sources = [f"Meta LLaMA shard {file} ({rank + 1} of {len(files)}; shapes per shard)"
                for rank, file in enumerate(files)]
     config = _meta_config(params, params_file, shards[0], sources[0], max_seq_len)
@@ -643,7 +642,7 @@ def _add_file(checkpoint: _Checkpoint, file: Path) -> None:
             index[dim] = slice(start, start + length)
             return handle.get_slice(key)[tuple(index)]  # reads only the slice (also a view of the mapping)
     else:
-        state = _as_state_dict(_torch_load(file), file)
+        state = _torch_load(file)
         shapes = {key: tuple(value.shape) for key, value in state.items()}
 
         def read(key: str, dim: int | None, start: int, length: int | None) -> Tensor:
@@ -682,21 +681,9 @@ def _read_json(file: Path) -> dict:
     return value
 
 
-def _torch_load(file: Path) -> object:
-    """torch.load(weights_only) memory-mapped; files in the pre-1.6 (non-zip) format cannot be
-    mapped and are read whole."""
+def _torch_load(file: Path) -> dict[str, Tensor]:
     try:
-        if zipfile.is_zipfile(file):
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return torch.load(file, map_location="cpu", weights_only=True)
+        state = torch_load(file)
     except Exception as error:
         raise CheckpointError(f"{file} is not a state dict saved by torch.save (weights_only): {error}") from error
-
-
-def _as_state_dict(state: object, file: Path) -> dict[str, Tensor]:
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise CheckpointError(f"{file} is not a flat state dict: key {key!r} holds a {type(value).__name__}")
-    return dict(state)
+    return flat_state_dict(state, str(file))

@@ -1,4 +1,5 @@
-"""Strict state-dict loading with errors that name every problem at once.
+"""Strict state-dict loading with errors that name every problem at once, and the safe reading
+of torch files that every checkpoint format here shares.
 
 `torch.nn.Module.load_state_dict(strict=True)` already refuses missing and unexpected keys, but
 stops at the first shape mismatch and names the module, not the file. Here every missing,
@@ -6,8 +7,11 @@ unexpected and mis-shaped key is listed together with the checkpoint it came fro
 """
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 
@@ -43,3 +47,22 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str
     """
     check_state_dict(module.state_dict(), state_dict, source)
     module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def torch_load(path: Path) -> object:
+    """`torch.load(weights_only=True)` on the CPU, memory-mapped when the file is in the zip
+    format (torch >= 1.6); files in the older pickle format cannot be mapped and are read whole.
+    Callers wrap failures in a message about what the file should have been."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def flat_state_dict(state: object, source: str) -> dict[str, Tensor]:
+    """`state` as a {name: tensor} dict, or a CheckpointError saying what it is instead."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{source} is not a flat state dict: key {key!r} holds a {type(value).__name__}")
+    return dict(state)
