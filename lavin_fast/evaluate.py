@@ -45,6 +45,9 @@ def evaluate_scienceqa(model: LaVIN, collator: Collator, data_root: str | Path, 
     """Generate, parse and score `split` (its first `limit` questions if given)."""
     problems = scienceqa.load_problems(data_root)
     samples = list(scienceqa_samples(data_root, split, use_caption))[:limit]
+    # Batches of similar prompt lengths: generation steps through the longest prompt of a batch
+    # one position at a time past the shortest, so mixed lengths cost decode steps.
+    samples.sort(key=lambda s: len(collator.layout.prompt_tokens(s.prompt, s.image is not None)))
     texts: dict[str, str] = {}
     for start in tqdm(range(0, len(samples), batch_size), desc=f"eval {split}", unit="batch", disable=not progress):
         chunk = samples[start:start + batch_size]

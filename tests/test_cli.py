@@ -63,32 +63,34 @@ def test_generate_prints_what_the_library_generates(run, tmp_path, capsys):
         cli.main(["generate", "--run", str(tmp_path), "--prompt", "hi"])
 
 
-def test_evaluation_scores_what_was_generated_and_counts_unparsed_as_wrong(run, monkeypatch):
+def test_evaluation_scores_what_was_generated_and_counts_unparsed_as_wrong(run, tmp_path, monkeypatch):
     """With the generator replaced by scripted answers (right, wrong, unparsable in turn), the
-    table and the unparsed count follow from the script alone."""
-    model, collator, cfg = load_run(run, adapters=False)
-    problems = scienceqa.load_problems(cfg.data_root)
-    pids = scienceqa.load_split(cfg.data_root, "test", problems)[:8]
-    script = []   # in the order evaluation asks (many fake prompts are identical, so not by prompt)
-    for i, pid in enumerate(pids):
-        answer = problems[pid]["answer"]
-        script.append([f"The answer is {'ABCD'[answer]}. BECAUSE: it is.",
-                       f"The answer is {'ABCD'[(answer + 1) % 4]}.", "I do not know."][i % 3])
+    table and the unparsed count follow from the script alone. The tree has shuffled options,
+    so every prompt names its question (evaluation may ask in any order)."""
+    model, collator, _ = load_run(run, adapters=False)
+    root = scienceqa.write_fake_scienceqa(tmp_path / "sqa", {"test": 8}, image_size=32, seed=4)
+    problems = scienceqa.load_problems(root)
+    pids = scienceqa.load_split(root, "test", problems)
+    by_prompt = {scienceqa.build_prompt(problems[pid]): i for i, pid in enumerate(pids)}
+    assert len(by_prompt) == 8
     batch_sizes = []
 
     def scripted_generate(model, layout, prompts, images, **kwargs):
-        start = sum(batch_sizes)
         batch_sizes.append(len(prompts))
-        assert prompts == [scienceqa.build_prompt(problems[pid]) for pid in pids[start:start + len(prompts)]]
-        return script[start:start + len(prompts)]
+        outputs = []
+        for prompt in prompts:
+            i = by_prompt[prompt]
+            answer = problems[pids[i]]["answer"]
+            outputs.append([f"The answer is {'ABCD'[answer]}. BECAUSE: it is.",
+                            f"The answer is {'ABCD'[(answer + 1) % 4]}.", "I do not know."][i % 3])
+        return outputs
 
     monkeypatch.setattr(evaluate, "generate", scripted_generate)
-    result = evaluate.evaluate_scienceqa(model, collator, cfg.data_root, "test", limit=8, batch_size=3,
-                                         progress=False)
+    result = evaluate.evaluate_scienceqa(model, collator, root, "test", batch_size=3, progress=False)
     assert result.scores["Avg"] == pytest.approx(100 * 3 / 8)          # i = 0, 3, 6 right
     assert result.unparsed == 2                                           # i = 2, 5
     assert [result.predictions[pids[i]] for i in (2, 5)] == [None, None]
-    assert batch_sizes == [3, 3, 2]
+    assert sorted(result.predictions) == sorted(pids) and batch_sizes == [3, 3, 2]
 
 
 def test_demo_answers_image_questions_from_the_image(tmp_path):
