@@ -140,10 +140,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read config file {path}: {error}") from error
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"config file {path} has unknown keys: {unknown}")
+        for key, value in values.items():
+            kind = _field_type(fields[key])
+            ok = value is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+                                   or (kind is float and type(value) is int))
+            if not ok:
+                raise ValueError(f"config file {path}: {key} should be {kind.__name__}, got {value!r}")
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
     return TrainConfig(**values)
 

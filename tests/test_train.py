@@ -152,6 +152,11 @@ def test_config_file_with_command_line_overrides(tmp_path):
     path.write_text(json.dumps({"preset": "tiny", "epoch": 3}))
     with pytest.raises(ValueError, match=r"unknown keys: \['epoch'\]"):
         training.config_from_args(training.build_parser().parse_args(["--config", str(path)]))
+    path.write_text(json.dumps({"epochs": "5"}))
+    with pytest.raises(ValueError, match=r"epochs should be int, got '5'"):
+        training.config_from_args(training.build_parser().parse_args(["--config", str(path)]))
+    path.write_text(json.dumps({"lr": 1, "fake_data": True}))      # an int where a float goes is fine
+    assert training.config_from_args(training.build_parser().parse_args(["--config", str(path)])).lr == 1
     with pytest.raises(ValueError, match="data must be one of"):
         training.TrainConfig(data="coco")
 
