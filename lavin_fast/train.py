@@ -337,7 +337,7 @@ def train(cfg: TrainConfig) -> Path:
             _append_log(out / "log.jsonl", record)
             state.records.append(record)
         progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if state.step % save_every == 0 or state.step == total_steps:
             _save(session, out, model, optimizer, scheduler, state.step, cfg.keep_checkpoints)
     progress.close()
