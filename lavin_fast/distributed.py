@@ -86,9 +86,6 @@ class Session:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.dtype, torch.bfloat16)
         return torch.autocast("cuda", dtype=dtype, enabled=self.cfg.dtype != "fp32")
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     # ---- collectives ---------------------------------------------------------------------------
 
     def all_reduce_sum(self, value):
@@ -153,16 +150,12 @@ class Session:
         full = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         if self.is_main:
-            save_adapter_state(full, _unwrap(model).config, path)
+            save_adapter_state(full, model.config, path)
         self.barrier()
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def start(cfg) -> Session:

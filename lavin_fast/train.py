@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -296,13 +297,13 @@ def train(cfg: TrainConfig) -> Path:
         if session.is_main:   # checkpoints of steps after it belong to the abandoned continuation
             for later in (out / "checkpoints").glob("step-*"):
                 if later.is_dir() and int(later.name.split("-")[1]) > state.step:
-                    _remove_tree(later)
+                    shutil.rmtree(later, ignore_errors=True)
         session.barrier()
     if session.is_main:
         atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         state.records = _read_log_until(out / "log.jsonl", state.step)
         log.info("LaVIN %s: %d trainable parameters; %d samples, %d steps (%d per epoch), peak lr %.3g, "
-                 "dp %d x tp %d, device %s", cfg.preset, model_trainable(model), len(dataset), total_steps,
+                 "dp %d x tp %d, device %s", cfg.preset, model.num_trainable(), len(dataset), total_steps,
                  steps_per_epoch, peak_lr, session.dp_size, session.tp_size, device)
 
     save_every = cfg.save_every or steps_per_epoch
@@ -322,7 +323,7 @@ def train(cfg: TrainConfig) -> Path:
                 # Sum over this micro-batch's answer tokens / tokens of the whole step: the
                 # gradient of the step-wide token mean, however the step is split.
                 loss = model.loss(batch) * batch.answer_tokens / tokens
-            session.backward(loss)
+            loss.backward()
             loss_sum += loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -353,10 +354,6 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def model_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _save(session, out: Path, model, optimizer, scheduler, step: int, keep: int) -> None:
     folder = out / "checkpoints" / f"step-{step:07d}"
     extra = {"scheduler": scheduler.state_dict(), "step": step, "rng": session.gather_objects(_rng_state())}
@@ -366,13 +363,7 @@ def _save(session, out: Path, model, optimizer, scheduler, step: int, keep: int)
         atomic_write_text(out / "checkpoints" / "latest.json", json.dumps({"dir": folder.name, "step": step}))
         old = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
         for path in old:
-            _remove_tree(path)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_log_until(path: Path, step: int) -> list[dict]:
