@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lavin_fast import train as training
+from lavin_fast.data import BAD_SAMPLES, SKIPPED_FILE
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +62,11 @@ def _eval(args: argparse.Namespace) -> None:
     result = evaluate_scienceqa(model, collator, data_root, args.split, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, use_caption=cfg.use_caption, limit=args.limit,
-                                out=out)
+                                out=out, bad_samples=args.bad_samples)
     print(result.table)
+    if result.skipped:
+        print(f"questions left out for a damaged image: {len(result.skipped)} (not scored; listed in "
+              f"{out / SKIPPED_FILE})")
     print(f"predictions, scores and routing plot in {out}")
 
 
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--limit", type=int, help="only the first N questions")
     evaluate.add_argument("--out", help="output folder (default: RUN/eval-SPLIT)")
+    evaluate.add_argument("--bad-samples", default="error", choices=BAD_SAMPLES,
+                          help="a question whose image is damaged: stop before generating (error, the "
+                               "default) or leave it out of the scores (skip)")
     evaluate.set_defaults(func=_eval)
 
     gen = commands.add_parser("generate", parents=[decoding], help="answer one prompt (with an image or not)")

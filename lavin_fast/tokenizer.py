@@ -12,6 +12,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from lavin_fast.io import atomic_write
+from lavin_fast.scienceqa import check_text
 
 
 class Tokenizer:
@@ -31,6 +32,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode takes a str, got {type(text).__name__}")
+        check_text(text, "Tokenizer.encode")   # sentencepiece's own error says nothing of the text
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:

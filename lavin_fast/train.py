@@ -72,6 +72,7 @@ class TrainConfig:
     fake_data: bool = False                  # write and train on a fake ScienceQA tree
     image_normalization: str = "imagenet"
     max_len: int = 512
+    bad_samples: str = "error"               # a damaged image: stop before training (error) or skip
     # recipe (paper + reference scripts)
     epochs: int = 20
     max_steps: int | None = None
@@ -98,6 +99,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data not in DATASETS:
             raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
+        if self.bad_samples not in data.BAD_SAMPLES:
+            raise ValueError(f"bad_samples must be one of {data.BAD_SAMPLES}, got {self.bad_samples!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.effective_batch < 1 or self.micro_batch < 1 or self.epochs < 1:
@@ -268,13 +271,14 @@ def train(cfg: TrainConfig) -> Path:
     cfg = session.cfg
     out = Path(cfg.out)
     device = session.device
+    # Every image is read once before the model loads: a damaged one stops the run here.
+    dataset, skipped = data.check_images(build_dataset(cfg), cfg.bad_samples, cfg.progress and session.is_main)
     torch.manual_seed(cfg.seed)                  # the same fresh adapters on every rank
     random.seed(cfg.seed)
     model, tokenizer = build_model(cfg, device, session.tensor_parallel_plan())
     # Dropout masks: the same within a tensor-parallel group (its ranks hold replicas of the
     # adapters and must compute the same thing), different across data-parallel ranks.
     torch.manual_seed(cfg.seed + 1 + session.dp_rank)
-    dataset = build_dataset(cfg)
     collator = build_collator(model, tokenizer, cfg)
     steps_per_epoch = len(dataset) // cfg.effective_batch
     if steps_per_epoch == 0:
@@ -302,6 +306,8 @@ def train(cfg: TrainConfig) -> Path:
     if session.is_main:
         atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         state.records = _read_log_until(out / "log.jsonl", state.step)
+        if skipped:
+            data.report_skipped(out, skipped)
         log.info("LaVIN %s: %d trainable parameters; %d samples, %d steps (%d per epoch), peak lr %.3g, "
                  "dp %d x tp %d, device %s", cfg.preset, model.num_trainable(), len(dataset), total_steps,
                  steps_per_epoch, peak_lr, session.dp_size, session.tp_size, device)
@@ -347,8 +353,9 @@ def train(cfg: TrainConfig) -> Path:
         from lavin_fast import plots
 
         plots.loss_curve(out / "log.jsonl", out / "loss.png")
-        log.info("done: %d steps, last loss %.4f; adapters in %s", state.step, state.records[-1]["loss"],
-                 out / "adapters.safetensors")
+        log.info("done: %d steps, last loss %.4f; adapters in %s%s", state.step, state.records[-1]["loss"],
+                 out / "adapters.safetensors",
+                 f"; {len(skipped)} samples with a damaged image left out ({data.SKIPPED_FILE})" if skipped else "")
     session.export_adapters(model, out / "adapters.safetensors")
     session.close()
     return out
