@@ -83,7 +83,8 @@ def check_images(samples: Dataset, bad_samples: str = "error", progress: bool = 
         checked = tqdm(pool.map(_image_problem, paths), total=len(paths), desc="check images", unit="image",
                        disable=not progress)
         problems = {path: problem for path, problem in zip(paths, checked) if problem is not None}
-    skipped = [{"id": s.id, "image": str(s.image), "error": problems[s.image]} for s in everything if s.image in problems]
+    skipped = [{"id": s.id, "image": str(s.image), "error": problems[s.image]}
+               for s in everything if s.image in problems]
     if skipped and bad_samples == "error":
         listed = "; ".join(f"sample {s['id']}: {s['error']}" for s in skipped[:5])
         raise DataError(f"{len(skipped)} of {len(everything)} samples have a damaged image "

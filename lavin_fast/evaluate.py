@@ -48,7 +48,8 @@ def evaluate_scienceqa(model: LaVIN, collator: Collator, data_root: str | Path, 
     """Generate, parse and score `split` (its first `limit` questions if given); every image is
     read first (`data.check_images`: a damaged one is an error, or with "skip" left out)."""
     problems = scienceqa.load_problems(data_root)
-    checked, skipped = check_images(list(scienceqa_samples(data_root, split, use_caption))[:limit], bad_samples, progress)
+    samples = list(scienceqa_samples(data_root, split, use_caption))[:limit]
+    checked, skipped = check_images(samples, bad_samples, progress)
     samples = checked.samples
     # Batches of similar prompt lengths: generation steps through the longest prompt of a batch
     # one position at a time past the shortest, so mixed lengths cost decode steps.
