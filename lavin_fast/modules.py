@@ -69,7 +69,8 @@ class MMAdapter(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
-        gradient). The weights used are kept, detached, in `self.last_routing`."""
+        gradient). The weights used are kept, detached, in `self.last_routing` (None when N = 0
+        and nothing was routed: the output is then empty)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
         if weights is None:
