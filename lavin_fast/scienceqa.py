@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from lavin_fast.errors import UserError
 from lavin_fast.io import atomic_write_text
 
 REQUIRED_FIELDS = {
@@ -27,12 +28,14 @@ REQUIRED_FIELDS = {
     "lecture": str, "solution": str, "split": str,
 }
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+# The splits of the ScienceQA release's pid_splits.json.
+SPLITS = ("train", "val", "test", "trainval", "minitrain", "minival", "minitest")
 CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ANSWER = re.compile(r"The answer is ([A-Z])\.")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data record or a missing file, with the record's id in the message."""
 
 

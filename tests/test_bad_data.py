@@ -116,7 +116,7 @@ def test_check_images_reads_each_file_once_and_keeps_the_order(tmp_path):
     assert [(s["id"], s["image"]) for s in skipped] == [("a-0", str(jpeg)), ("a-1", str(jpeg))]
     with pytest.raises(DataError, match=r"2 of 4 samples have a damaged image \(sample a-0: cannot read .*cut.jpg"):
         data.check_images(samples, "error", progress=False)
-    with pytest.raises(ValueError, match="bad_samples must be one of"):
+    with pytest.raises(ValueError, match="bad-samples must be one of"):
         training.TrainConfig(bad_samples="ignore")
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lavin_fast.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that does not match the model it is loaded into."""
 
 
