@@ -27,16 +27,20 @@ Keys LaVIN does not use are dropped by an exact list (`ln_post`/`post_layernorm`
 text tower, logit scale, bookkeeping buffers); every other key must match the model in name and
 shape, or a `CheckpointError` names it in the checkpoint's own spelling.
 
+A TorchScript archive is never run (torch.jit.load would run code from the file): its pickled
+module tree is read as inert records (`strict.torchscript_tensors`) and only the `visual.*`
+tensors are taken; a module of the vision tower that keeps its state through its own
+`__getstate__` is refused, naming it.
+
 Memory: the model is built on the meta device and takes the checkpoint's tensors by assignment;
-safetensors and zip-format torch files are memory-mapped and only the keys used are read. A
-TorchScript archive cannot be mapped: it is read whole once, and what LaVIN does not use is freed.
+safetensors and zip-format torch files are memory-mapped and only the keys used are read. Of a
+TorchScript archive only the vision tower's storages are read, into memory.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +48,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
+from lavin_fast.checkpoints.strict import (
+    CheckpointError,
+    check_state_dict,
+    flat_state_dict,
+    is_torchscript_archive,
+    load_strict,
+    torch_load,
+    torchscript_tensors,
+)
 from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer
 
 # ours -> checkpoint, for the parameters outside the blocks and inside block N.
@@ -197,12 +209,8 @@ def _open_file(path: Path) -> _Checkpoint:
     source = f"CLIP checkpoint {path}"
     if path.suffix == ".safetensors":
         return _open_safetensors(path, source)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(name.endswith("/constants.pkl") for name in archive.namelist())
-        if scripted:  # weights_only loading refuses TorchScript; it cannot be memory-mapped either
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            return _from_mapping(state, source)
+    if is_torchscript_archive(path):  # read without running it; only the vision tower's tensors
+        return _from_mapping(torchscript_tensors(path, "visual", source), source)
     return _from_mapping(_torch_load(path, source), source)
 
 
