@@ -400,6 +400,52 @@ def test_not_a_checkpoint(tmp_path):
 
 
 
+
+def test_damaged_files_are_checkpoint_errors_naming_the_file(openai_files, tmp_path):
+    """Truncated safetensors (a file, or a Hugging Face folder's), a config.json that is not JSON
+    or whose vision_config is not an object: one CheckpointError naming the file."""
+    data = (openai_files / "state.safetensors").read_bytes()
+    for length in (5, len(data) // 2):
+        (tmp_path / "cut.safetensors").write_bytes(data[:length])
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "cut.safetensors"))):
+            load_clip(tmp_path / "cut.safetensors")
+    _hf_model().save_pretrained(tmp_path / "hf")
+    model_file, config_file = tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"
+    config = config_file.read_text()
+    for text in ("{not json", "[1, 2]", json.dumps({"vision_config": "ViT-L/14"})):
+        config_file.write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(str(config_file))):
+            load_clip(tmp_path / "hf")
+    config_file.write_text(config)
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(str(model_file))):
+        load_clip(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("save", ["pth", "safetensors", "hf"])
+def test_integer_weights_are_refused_naming_the_key(openai_files, tmp_path, save):
+    """Integer weights would break the forward (no dtype) or become other numbers (a dtype):
+    refused either way; OpenAI's integer bookkeeping buffers, unused, are not weights."""
+    if save == "hf":
+        model = _hf_model()
+        model.save_pretrained(tmp_path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        key = _prefix(model) + "encoder.layers.1.mlp.fc1.weight"
+        path, file = tmp_path, tmp_path / "model.safetensors"
+    else:
+        state = torch.load(openai_files / "state.pth", weights_only=True)
+        assert state["input_resolution"].dtype == torch.int64  # stays accepted
+        key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+        path = file = tmp_path / f"bad.{save}"
+    state[key] = (100 * state[key]).to(torch.int16)
+    if save == "pth":
+        torch.save(state, file)
+    else:
+        save_file(state, file)
+    for dtype in (None, torch.float32):
+        with pytest.raises(CheckpointError, match=re.escape(str(file)) + ".*not floating point: " + re.escape(key)):
+            load_clip(path, taps=(1,), dtype=dtype)
+
 # ---- TorchScript archives are read, never run -----------------------------------------------------
 
 class MarkerWriter(nn.Module):

@@ -38,7 +38,6 @@ TorchScript archive only the vision tower's storages are read, into memory.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -50,10 +49,13 @@ from torch import Tensor
 
 from lavin_fast.checkpoints.strict import (
     CheckpointError,
+    check_floating,
     check_state_dict,
     flat_state_dict,
     is_torchscript_archive,
     load_strict,
+    open_safetensors,
+    read_json,
     torch_load,
     torchscript_tensors,
 )
@@ -164,6 +166,7 @@ def load_clip(
     state = {}
     for key in ours:
         parts = [checkpoint.read(part) for part in names[key]]
+        check_floating({part: tensor.dtype for part, tensor in zip(names[key], parts)}, checkpoint.source)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         state[key] = tensor.detach().to(device=device, dtype=dtype)
     load_strict(model, state, checkpoint.source)
@@ -228,9 +231,7 @@ def _from_mapping(state: object, source: str) -> _Checkpoint:
 
 
 def _open_safetensors(path: Path, source: str) -> _Checkpoint:
-    from safetensors import safe_open
-
-    handle = safe_open(str(path), framework="pt", device="cpu")  # mapped; tensors read on demand
+    handle = open_safetensors(path)  # mapped; tensors read on demand
     shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     return _Checkpoint(source, shapes, handle.get_tensor)
 
@@ -268,8 +269,11 @@ def _open_hf(folder: Path) -> tuple[_Checkpoint, ViTConfig, str]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"Hugging Face CLIP folder {folder} has no config.json")
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
-    config = _hf_config(raw.get("vision_config", raw), config_file)
+    raw = read_json(config_file)
+    vision = raw.get("vision_config", raw)
+    if not isinstance(vision, Mapping):
+        raise CheckpointError(f"{config_file}: vision_config holds a {type(vision).__name__}, not a JSON object")
+    config = _hf_config(vision, config_file)
     if (folder / "model.safetensors").is_file():
         checkpoint = _open_safetensors(folder / "model.safetensors", f"CLIP checkpoint {folder / 'model.safetensors'}")
     elif (folder / "pytorch_model.bin").is_file():

@@ -9,6 +9,7 @@ unexpected and mis-shaped key is listed together with the checkpoint it came fro
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import zipfile
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 
@@ -72,6 +74,37 @@ def flat_state_dict(state: object, source: str) -> dict[str, Tensor]:
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(f"{source} is not a flat state dict: key {key!r} holds a {type(value).__name__}")
     return dict(state)
+
+
+def check_floating(dtypes: Mapping[str, torch.dtype | str], source: str) -> None:
+    """CheckpointError naming every tensor whose dtype is not floating point: weights stored as
+    integers or booleans would be converted into other numbers silently, or fail deep inside a
+    forward. dtypes: name -> a torch dtype, or a safetensors dtype name ("BF16", "I64")."""
+    wrong = [f"{name} ({dtype})" for name, dtype in dtypes.items()
+             if not (dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.startswith(("F", "BF")))]
+    if wrong:
+        shown = ", ".join(wrong[:20]) + (f", ... ({len(wrong) - 20} more)" if len(wrong) > 20 else "")
+        raise CheckpointError(f"{source}: weights are not floating point: {shown}")
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from `file`, or a CheckpointError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file} is not readable JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def open_safetensors(file: Path) -> safe_open:
+    """`safetensors.safe_open` on the CPU (memory-mapped, tensors read on demand), or a
+    CheckpointError naming the file (truncated, not safetensors)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: both mean the same to a user
+        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from error
 
 
 # ---- TorchScript archives, read without running them -----------------------------------------------
