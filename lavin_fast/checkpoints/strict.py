@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors import safe_open
@@ -124,8 +125,9 @@ _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
-# The TorchScript pickler tags lists and dicts with their static type through these; for Python
-# they return the value unchanged.
+# The TorchScript pickler tags lists and dicts with their static type through
+# torch.jit._pickle.restore_type_tag (older archives: these build_* lists); for Python they return
+# the value unchanged, and so do the stand-ins here.
 _TYPE_TAGS = {"build_intlist", "build_tensorlist", "build_doublelist", "build_boollist"}
 
 
@@ -150,6 +152,8 @@ class _ArchivedTensor:
 
 @dataclass(frozen=True)
 class _StorageType:
+    """What the pickle's torch.<Type>Storage resolves to: its dtype, nothing callable."""
+
     dtype: torch.dtype
 
 
@@ -183,7 +187,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
     """Resolves torch's tensor rebuilding, OrderedDict, the storage types and the type tags;
     every `__torch__.*` class becomes an inert `_ScriptObject` subclass; anything else is refused."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file)
         self.classes: dict[str, type] = {}
 
