@@ -11,6 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.io import atomic_write
 from lavin_fast.scienceqa import check_text
 
@@ -23,7 +24,10 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer: no sentencepiece model at {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as error:  # sentencepiece's own message: "could not parse ModelProto ..."
+            raise CheckpointError(f"Tokenizer: {path} is not a sentencepiece model: {error}") from error
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
