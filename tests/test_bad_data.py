@@ -165,8 +165,11 @@ def test_eval_checks_images_before_generating(tree, tmp_path, collator, monkeypa
     monkeypatch.setattr(cli, "_load", lambda args: (None, collator, training.TrainConfig(data_root=str(tree))))
     out = tmp_path / "eval"
     command = ["eval", "--run", str(tmp_path), "--split", "test", "--out", str(out), "--batch-size", "4"]
-    with pytest.raises(DataError, match=f"sample {pid}: cannot read image {image_file(tree, pid)}"):
+    with pytest.raises(SystemExit) as stop:
         cli.main(command)
+    assert stop.value.code == 2
+    assert f"lavin-fast: error: 1 of 9 samples have a damaged image (sample {pid}: cannot read image " \
+           f"{image_file(tree, pid)}" in capsys.readouterr().err
     assert calls == [] and not (out / "predictions.json").exists()
 
     cli.main(command + ["--bad-samples", "skip"])

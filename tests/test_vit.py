@@ -523,8 +523,10 @@ def _llama_folder(folder):
     return save_llama(Transformer(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)), folder)
 
 
-def test_torchscript_archive_code_never_runs_through_from_pretrained_and_the_cli(tmp_path):
+def test_torchscript_archive_code_never_runs_through_from_pretrained_and_the_cli(tmp_path, monkeypatch):
     from lavin_fast import cli
+
+    monkeypatch.setenv("LAVIN_FAST_DEBUG", "1")  # the CLI re-raises the error it would print in one line
     from lavin_fast.models.lavin import LaVIN
 
     torch.manual_seed(3)
