@@ -55,18 +55,21 @@ class LaVINConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> LaVINConfig:
-        """"7b" (LLaMA-7B), "13b" (LLaMA-13B), both with CLIP ViT-L/14, or "tiny" (the demo's)."""
-        presets = {
-            "7b": lambda: cls(llama=LlamaConfig.from_preset("llama-7b"), vit=ViTConfig.vit_l14(), temperature=10.0),
-            "13b": lambda: cls(llama=LlamaConfig.from_preset("llama-13b"), vit=ViTConfig.vit_l14(), temperature=5.0),
-            "tiny": lambda: cls(llama=LlamaConfig.from_preset("tiny"),
-                                vit=ViTConfig(image_size=56, patch_size=14, width=128, layers=6, heads=2,
-                                              taps=(1, 2, 3, 4, 5, 6)),
-                                neck_hidden=32),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown LaVIN preset {name!r}; known: {sorted(presets)}")
-        return dataclasses.replace(presets[name](), **overrides)
+        """"7b" (LLaMA-7B), "13b" (LLaMA-13B), both with CLIP ViT-L/14, "tiny" (the demo's), or a
+        newer LLaMA with ViT-L/14 at 224 px or, suffixed "-336", at 336 px (LLaVA-1.5's
+        pairing): "llama2-7b", "llama2-13b", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b"
+        (`LAVIN_PRESETS`). The router temperature is the paper's: 5 for the 13B models, else 10."""
+        if name not in LAVIN_PRESETS:
+            raise ValueError(f"unknown LaVIN preset {name!r}; known: {sorted(LAVIN_PRESETS)}")
+        if name == "tiny":
+            base = cls(llama=LlamaConfig.from_preset("tiny"),
+                       vit=ViTConfig(image_size=56, patch_size=14, width=128, layers=6, heads=2, taps=(1, 2, 3, 4, 5, 6)),
+                       neck_hidden=32)
+        else:
+            llama, vit = LAVIN_PRESETS[name]
+            base = cls(llama=LlamaConfig.from_preset(llama), vit=ViTConfig.from_preset(vit),
+                       temperature=5.0 if llama.endswith("13b") else 10.0)
+        return dataclasses.replace(base, **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,6 +80,17 @@ class LaVINConfig:
         llama = LlamaConfig(**values.pop("llama"))
         vit = ViTConfig(**{**values.pop("vit")})
         return cls(llama=llama, vit=vit, **values)
+
+
+# LaVIN preset -> (LLaMA preset, CLIP preset); "tiny" is built in `LaVINConfig.from_preset`.
+LAVIN_PRESETS: dict[str, tuple[str, str] | None] = {
+    "7b": ("llama-7b", "ViT-L/14"),
+    "13b": ("llama-13b", "ViT-L/14"),
+    "tiny": None,
+    **{f"{llama}{suffix}": (llama, vit)
+       for llama in ("llama2-7b", "llama2-13b", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b")
+       for suffix, vit in (("", "ViT-L/14"), ("-336", "ViT-L/14@336px"))},
+}
 
 
 class LaVIN(nn.Module):
