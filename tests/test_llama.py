@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lavin_fast.checkpoints.llama import LlamaSource, load_llama, load_llama_weights, open_llama
+from lavin_fast.checkpoints.llama import LlamaSource, load_llama, load_llama_weights, open_llama, save_llama
 from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.models.attention import attention, isolated_first_attention
 from lavin_fast.models.llama import LlamaConfig, RopeScaling, Transformer, apply_rope, rope_angles, rope_frequencies
@@ -57,7 +57,7 @@ def _meta_weights(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     so that a dropped or swapped norm changes the logits."""
     gen = torch.Generator().manual_seed(seed)
     dim, heads = params["dim"], params["n_heads"]
-    kv_heads, head_dim = params.get("n_kv_heads") or heads, dim // heads
+    kv_heads, head_dim = params.get("n_kv_heads") or heads, params.get("head_dim", dim // heads)
 
     def weight(rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
         return scale * torch.randn(rows, cols, generator=gen) / math.sqrt(cols)
@@ -492,7 +492,7 @@ def test_hf_sharded_errors_name_the_file(hf_folder, tmp_path):
     ({"mlp_bias": True}, "mlp_bias is true"),
     ({"model_type": "mistral"}, "model_type 'mistral' is not 'llama'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 32}, "head_dim 32"),
+    ({"head_dim": 32}, re.escape("q_proj.weight: checkpoint (64, 64) vs model (128, 64)")),
     ({"num_hidden_layers": 2}, re.escape("unexpected keys (9): model.layers.2.")),
     ({"intermediate_size": 64}, re.escape("mlp.down_proj.weight: checkpoint (64, 96) vs model (64, 64)")),
     ({"num_key_value_heads": 4}, re.escape("k_proj.weight: checkpoint (32, 64) vs model (64, 64)")),
@@ -606,6 +606,28 @@ def test_hf_rope_scaling_matches_transformers_past_the_original_context(tmp_path
     assert (_logits(unscaled, tokens) - expected).abs().max() > 1e-2
 
 
+def test_hf_explicit_head_dim_matches_transformers(tmp_path):
+    """head_dim 32 with hidden_size 64 and 4 heads: q/k/v/o are [128, 64] / [64, 128]."""
+    params = {**CONFIGS["gqa"], "head_dim": 32}
+    meta = _meta_weights(params, seed=13)
+    hf = transformers.LlamaForCausalLM(_hf_config(params, head_dim=32))
+    hf.load_state_dict(_hf_state(meta, params))
+    hf.eval().save_pretrained(tmp_path / "hf")
+    ours = load_llama(tmp_path / "hf")
+    assert ours.config.head_dim == 32 and ours.layers[0].attention.wq.weight.shape == (128, 64)
+    _assert_state_equals(ours, meta)
+    tokens = _tokens(6)
+    torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
+    with pytest.raises(ValueError, match="head_dim 32 is not dim / n_heads"):
+        save_llama(ours, tmp_path / "meta")
+    # head_dim equal to hidden_size / heads (LLaMA-3.2's config.json states it) is the plain model
+    plain = CONFIGS["gqa"]
+    transformers.LlamaForCausalLM(_hf_config(plain, head_dim=16)).save_pretrained(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["head_dim"] == 16
+    config = load_llama(tmp_path / "plain").config
+    assert config.explicit_head_dim is None and config.head_dim == 16
+
+
 def test_meta_use_scaled_rope_is_llama31_scaling(tmp_path):
     """params.json of LLaMA-3.1 (use_scaled_rope, rope_theta 500000) gives transformers' logits
     with the llama3 scaling Hugging Face's conversion writes for it (factor 8, 1, 4, 8192)."""
@@ -618,8 +640,6 @@ def test_meta_use_scaled_rope_is_llama31_scaling(tmp_path):
     tokens = _tokens(5, length=LONG)
     torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
     # and it is written back as use_scaled_rope
-    from lavin_fast.checkpoints.llama import save_llama
-
     again = load_llama(save_llama(ours, tmp_path / "saved"), max_seq_len=LONG)
     assert json.loads((tmp_path / "saved" / "params.json").read_text())["use_scaled_rope"] is True
     assert again.config == ours.config

@@ -34,9 +34,10 @@ Hugging Face files). Every other key must match the model in name and shape, or 
 `CheckpointError` names it in the checkpoint's own spelling, with its file. RoPE scaling
 "linear" and "llama3" (LLaMA-3.1/3.2: Hugging Face's `rope_scaling` / `rope_parameters`, Meta's
 `use_scaled_rope`, which Meta's code applies with LLaMA-3.1's constants, factor 8) are
-implemented. Configurations this LLaMA cannot run (other RoPE scalings, attention or MLP
-biases, another activation, a head_dim that is not hidden_size / heads) are refused, never
-approximated.
+implemented. A head_dim that is
+not hidden_size / heads is read too (q/k/v/o are then [heads x head_dim, hidden]).
+Configurations this LLaMA cannot run (other RoPE scalings, attention or MLP biases, another
+activation) are refused, never approximated.
 
 API: `open_llama` validates a folder (keys, shapes, configuration, replicated and tied
 weights) and returns a `LlamaSource`, which reads one parameter, or one slice of it, on demand;
@@ -373,6 +374,9 @@ def save_llama(model: Transformer, folder: str | Path) -> Path:
               "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size, "multiple_of": config.multiple_of,
               "ffn_dim_multiplier": config.ffn_dim_multiplier, "norm_eps": config.norm_eps,
               "rope_theta": config.rope_theta}
+    if config.explicit_head_dim is not None:
+        raise ValueError(f"save_llama: head_dim {config.explicit_head_dim} is not dim / n_heads; params.json "
+                         "cannot express it")
     if config.rope_scaling is not None:
         if config.rope_scaling != META_SCALED_ROPE:
             raise ValueError(f"save_llama: RoPE scaling {config.rope_scaling} is not Meta's use_scaled_rope "
@@ -571,17 +575,16 @@ def _hf_config(raw: Mapping, config_file: Path, max_seq_len: int) -> tuple[Llama
         if values[bias]:
             raise CheckpointError(f"{config_file}: {bias} is true; this LLaMA has no biases")
     hidden, heads = int(values["hidden_size"]), int(values["num_attention_heads"])
-    head_dim = values.get("head_dim")
-    if head_dim is not None and heads and int(head_dim) * heads != hidden:
-        raise CheckpointError(f"{config_file}: head_dim {head_dim} x {heads} heads != hidden_size {hidden} "
-                              "(not supported)")
+    head_dim = values.get("head_dim")  # kept only where it is not hidden_size / heads (LLaMA's own is)
+    explicit_head_dim = None if head_dim is None or int(head_dim) * heads == hidden else int(head_dim)
     theta, scaling = _hf_rope(raw, config_file)
     try:
         config = LlamaConfig(
             dim=hidden, n_layers=int(values["num_hidden_layers"]), n_heads=heads,
             n_kv_heads=values["num_key_value_heads"], vocab_size=int(values["vocab_size"]),
             norm_eps=float(values["rms_norm_eps"]), rope_theta=theta, rope_scaling=scaling,
-            max_seq_len=max_seq_len, ffn_hidden_dim=int(values["intermediate_size"]))
+            max_seq_len=max_seq_len, ffn_hidden_dim=int(values["intermediate_size"]),
+            explicit_head_dim=explicit_head_dim)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{config_file}: {error}") from error
     return config, bool(values["tie_word_embeddings"])

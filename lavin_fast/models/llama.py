@@ -79,12 +79,16 @@ class LlamaConfig:
     max_seq_len: int = 512
     ffn_hidden_dim: int | None = None
     rope_scaling: RopeScaling | None = None
+    explicit_head_dim: int | None = None  # Hugging Face's head_dim where it is not dim / n_heads
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):  # from a config saved as JSON (LaVINConfig.to_dict)
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         kv_heads = self.kv_heads
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.explicit_head_dim is not None:
+            if self.explicit_head_dim < 2 or self.explicit_head_dim % 2:
+                raise ValueError(f"LlamaConfig: explicit_head_dim {self.explicit_head_dim} must be even and positive")
+        elif self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"LlamaConfig: dim {self.dim} must split into {self.n_heads} heads of even size")
         if self.n_heads % kv_heads:
             raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {kv_heads}")
@@ -97,7 +101,7 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def ffn_hidden(self) -> int:
