@@ -19,13 +19,12 @@ tests use it; real runs load Meta's 32,000-piece model or a LLaMA-3 tokenizer.js
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import sentencepiece as spm
 
-from lavin_fast.checkpoints.strict import CheckpointError
+from lavin_fast.checkpoints.strict import CheckpointError, read_json
 from lavin_fast.io import atomic_write
 
 HF_SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -68,7 +67,8 @@ class Tokenizer:
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as error:  # the library raises a bare Exception on a malformed file
-            raise CheckpointError(f"Tokenizer: {path} is not a readable Hugging Face tokenizer.json: {error}") from error
+            raise CheckpointError(f"Tokenizer: {path} is not a readable Hugging Face tokenizer.json: "
+                                  f"{error}") from error
         self.n_words = self.hf.get_vocab_size(with_added_tokens=True)
         folder = path.parent
         tokens, config = _special_tokens(folder)
@@ -77,7 +77,8 @@ class Tokenizer:
                 raise ValueError(f"Tokenizer: {' / '.join(HF_SPECIAL_FILES)} in {folder} name no {key} "
                                  "(LLaMA needs BOS and EOS)")
         self.bos_id, self.eos_id = (self._token_id(tokens[key], key, folder) for key in ("bos_token", "eos_token"))
-        self.pad_id = None if tokens.get("pad_token") is None else self._token_id(tokens["pad_token"], "pad_token", folder)
+        pad = tokens.get("pad_token")
+        self.pad_id = None if pad is None else self._token_id(pad, "pad_token", folder)
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *_generation_eos_ids(folder, self.n_words)]))
         self.clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and (
             type(self.hf.model).__name__ != "BPE" or bool(config.get(FORCE_BPE_CLEAN_UP, False)))
@@ -119,16 +120,6 @@ class Tokenizer:
         return cls(path)
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"Tokenizer: {file} is not readable JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"Tokenizer: {file} holds a {type(value).__name__}, not a JSON object")
-    return value
-
-
 def _special_tokens(folder: Path) -> tuple[dict[str, str | None], dict]:
     """The bos/eos/pad token strings named in the folder's HF_SPECIAL_FILES (a string or an
     AddedToken object with its "content"), which must agree, and tokenizer_config.json itself."""
@@ -138,7 +129,7 @@ def _special_tokens(folder: Path) -> tuple[dict[str, str | None], dict]:
                               "naming its BOS/EOS tokens")
     tokens: dict[str, str | None] = {}
     named_in: dict[str, Path] = {}
-    files = {file.name: _read_json(file) for file in present}
+    files = {file.name: read_json(file) for file in present}
     for file in present:
         for key in HF_SPECIAL_TOKENS:
             if key not in files[file.name]:
@@ -159,7 +150,7 @@ def _generation_eos_ids(folder: Path, n_words: int) -> list[int]:
     file = folder / "generation_config.json"
     if not file.is_file():
         return []
-    ids = _read_json(file).get("eos_token_id")
+    ids = read_json(file).get("eos_token_id")
     ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
     if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_words for i in ids):
         raise CheckpointError(f"Tokenizer: {file}: eos_token_id {ids} are not ids of the {n_words}-token vocabulary")

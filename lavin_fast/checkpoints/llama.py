@@ -72,7 +72,14 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
+from lavin_fast.checkpoints.strict import (
+    CheckpointError,
+    check_state_dict,
+    flat_state_dict,
+    load_strict,
+    read_json,
+    torch_load,
+)
 from lavin_fast.models.llama import ROPE_SCALINGS, LlamaConfig, RopeScaling, Transformer
 
 # ---- Meta ----------------------------------------------------------------------------------------
@@ -422,7 +429,7 @@ class _MetaSource(LlamaSource):
 
 def _open_meta(folder: Path, max_seq_len: int) -> LlamaSource:
     params_file = folder / "params.json"
-    params = _read_json(params_file)
+    params = read_json(params_file)
     files = _meta_shard_files(folder)
     shards = [_torch_load(file) for file in files]
     sources = [f"Meta LLaMA shard {file} ({rank + 1} of {len(files)}; shapes per shard)"
@@ -528,7 +535,7 @@ class _HFSource(LlamaSource):
 
 def _open_hf(folder: Path, max_seq_len: int) -> LlamaSource:
     config_file = folder / "config.json"
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     config, tied = _hf_config(raw, config_file, max_seq_len)
     checkpoint = _open_hf_weights(folder)
 
@@ -636,7 +643,7 @@ def _open_hf_weights(folder: Path) -> _Checkpoint:
 
 def _open_sharded(index_file: Path) -> _Checkpoint:
     """A sharded save: the index's weight_map (key -> file name) must agree with the files."""
-    weight_map = _read_json(index_file).get("weight_map")
+    weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index_file} has no weight_map")
     checkpoint = _Checkpoint(f"Hugging Face LLaMA checkpoint {index_file}")
@@ -702,16 +709,6 @@ def _check(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], checkpoi
 
 
 # ---- files ---------------------------------------------------------------------------------------
-
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{file} is not readable JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object")
-    return value
-
 
 def _torch_load(file: Path) -> dict[str, Tensor]:
     try:

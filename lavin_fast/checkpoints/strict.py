@@ -1,5 +1,5 @@
 """Strict state-dict loading with errors that name every problem at once, and the safe reading
-of torch files that every checkpoint format here shares.
+of torch and JSON files that every checkpoint format here shares.
 
 `torch.nn.Module.load_state_dict(strict=True)` already refuses missing and unexpected keys, but
 stops at the first shape mismatch and names the module, not the file. Here every missing,
@@ -7,6 +7,7 @@ unexpected and mis-shaped key is listed together with the checkpoint it came fro
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,3 +67,14 @@ def flat_state_dict(state: object, source: str) -> dict[str, Tensor]:
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(f"{source} is not a flat state dict: key {key!r} holds a {type(value).__name__}")
     return dict(state)
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from `file` (a config, an index, a params.json), or CheckpointError naming it."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file} is not readable JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object")
+    return value
