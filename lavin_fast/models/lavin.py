@@ -8,7 +8,8 @@
     logits   = llama(h), an MMAdapter before every attention, t_m isolated in the mask
 
 Only the adapters, the neck and the modality embedding train (every parameter whose name holds
-"adapter", as in the reference): 3,781,296 for 7B, 5,390,080 for 13B (REFERENCE.md section 4).
+"adapter", as in the reference): 3,781,296 for 7B, 5,390,080 for 13B (REFERENCE.md section 4);
+the presets of LLaMA-2 and LLaMA-3.x (`LAVIN_PRESETS`) and their counts are in the README.
 Text-only samples skip the vision tower. The modality token at position 0 is seen by nobody
 but itself, so each layer's router, which reads position 0, depends on the modality alone.
 """
@@ -125,7 +126,7 @@ class LaVIN(nn.Module):
         file or the reference's `checkpoint-E.pth` (`load_adapters`).
 
         Adapter hyper-parameters come from the adapter file when it is lavin_fast's, else from
-        `preset` ("7b", "13b", "tiny"; default by the LLaMA's width: 5120 -> "13b", else "7b")
+        `preset` (`LAVIN_PRESETS`; default by the LLaMA's width: 5120 -> "13b", else "7b")
         and the reference checkpoint's recorded temperature, then from `overrides`. dtype
         converts the frozen backbones; the trainable parameters are created in fp32 on `device`.
         Loading is strict throughout.
