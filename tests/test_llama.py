@@ -647,6 +647,18 @@ def test_meta_use_scaled_rope_is_llama31_scaling(tmp_path):
     with pytest.raises(ValueError, match="params.json cannot express it"):
         save_llama(ours, tmp_path / "linear")
 
+    # Meta's rope_scaling_factor / rope_high_freq_factor (LLaMA-3.2's factor 32, as Hugging Face's
+    # config says) against transformers with the same numbers
+    folder = _write_meta(tmp_path / "meta32", meta, {**params, "use_scaled_rope": True, "rope_scaling_factor": 32.0,
+                                                     "rope_high_freq_factor": 2.0}, shards=1)
+    ours = load_llama(folder, max_seq_len=LONG)
+    assert ours.config.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 2.0, 8192)
+    hf = _hf_scaled_model(meta, params, {**LLAMA3_SCALING, "factor": 32.0, "high_freq_factor": 2.0,
+                                         "original_max_position_embeddings": 8192})
+    torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
+    again = load_llama(save_llama(ours, tmp_path / "saved32"), max_seq_len=LONG)
+    assert again.config == ours.config
+
 
 # ---- LlamaSource: reading parameters whole or in slices ------------------------------------------
 

@@ -33,8 +33,8 @@ Dropped, by exact name only: `rope.freqs` (Meta), `...self_attn.rotary_emb.inv_f
 Hugging Face files). Every other key must match the model in name and shape, or a
 `CheckpointError` names it in the checkpoint's own spelling, with its file. RoPE scaling
 "linear" and "llama3" (LLaMA-3.1/3.2: Hugging Face's `rope_scaling` / `rope_parameters`, Meta's
-`use_scaled_rope`, which Meta's code applies with LLaMA-3.1's constants, factor 8) are
-implemented. A head_dim that is
+`use_scaled_rope`, with Meta's factors: 8 and 4 unless params.json gives
+`rope_scaling_factor` / `rope_high_freq_factor`) are implemented. A head_dim that is
 not hidden_size / heads is read too (q/k/v/o are then [heads x head_dim, hidden]).
 Configurations this LLaMA cannot run (other RoPE scalings, attention or MLP biases, another
 activation) are refused, never approximated.
@@ -96,10 +96,13 @@ META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # params.json keys: those that shape the model, and inference-time settings of Meta's own
 # generator (max_seq_len / max_batch_size: here the caller's max_seq_len rules) that are ignored.
 META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
+               "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+               "max_seq_len", "max_batch_size"}
 META_REQUIRED = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
-# use_scaled_rope: Meta's LLaMA-3.1 code scales with fixed constants (factor 8, low/high
-# frequency factors 1 and 4, original context 8192).
+# use_scaled_rope: Meta's LLaMA-3.1 code scales with factor 8 and high frequency factor 4 unless
+# params.json gives rope_scaling_factor / rope_high_freq_factor (the names of Meta's later code),
+# low frequency factor 1 and original context 8192 always. Hugging Face's LLaMA-3.2 configs
+# say factor 32 where Meta's params.json names none.
 META_SCALED_ROPE = RopeScaling("llama3", 8.0)
 
 # ---- Hugging Face --------------------------------------------------------------------------------
@@ -385,10 +388,12 @@ def save_llama(model: Transformer, folder: str | Path) -> Path:
         raise ValueError(f"save_llama: head_dim {config.explicit_head_dim} is not dim / n_heads; params.json "
                          "cannot express it")
     if config.rope_scaling is not None:
-        if config.rope_scaling != META_SCALED_ROPE:
-            raise ValueError(f"save_llama: RoPE scaling {config.rope_scaling} is not Meta's use_scaled_rope "
-                             f"({META_SCALED_ROPE}); params.json cannot express it")
-        params["use_scaled_rope"] = True
+        scaling = config.rope_scaling
+        if dataclasses.replace(scaling, factor=8.0, high_freq_factor=4.0) != META_SCALED_ROPE:
+            raise ValueError(f"save_llama: RoPE scaling {scaling} is not Meta's use_scaled_rope "
+                             f"({META_SCALED_ROPE} with any factors); params.json cannot express it")
+        params.update(use_scaled_rope=True, rope_scaling_factor=scaling.factor,
+                      rope_high_freq_factor=scaling.high_freq_factor)
     if config.ffn_hidden != dataclasses.replace(config, ffn_hidden_dim=None).ffn_hidden:
         raise ValueError(f"save_llama: FFN width {config.ffn_hidden} does not follow Meta's rule from multiple_of "
                          f"{config.multiple_of}; params.json cannot express it")
@@ -485,7 +490,12 @@ def _meta_config(params: Mapping, params_file: Path, shard0: Mapping[str, Tensor
     missing = [key for key in META_REQUIRED if key not in params]
     if missing:
         raise CheckpointError(f"{params_file}: missing {missing}")
-    scaling = META_SCALED_ROPE if params.get("use_scaled_rope") else None
+    scaling = None
+    if params.get("use_scaled_rope"):
+        scaling = dataclasses.replace(META_SCALED_ROPE, **{
+            field_name: params[key] for key, field_name in (("rope_scaling_factor", "factor"),
+                                                            ("rope_high_freq_factor", "high_freq_factor"))
+            if params.get(key) is not None})
     vocab_size = params.get("vocab_size", -1)
     if vocab_size == -1:  # "the tokenizer's": the embedding's rows say it
         if "tok_embeddings.weight" not in shard0:
