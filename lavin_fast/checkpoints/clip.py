@@ -120,8 +120,8 @@ def load_clip(
 
     taps: 1-based blocks whose CLS token `forward` returns; default six evenly spaced ones
     (`default_taps`: 4, 8, ..., 24 for ViT-L/14 at 224 or 336 px, LaVIN's; 2, 4, ..., 12 for
-    the 12 blocks of ViT-B/16 and B/32). Any image size and patch the checkpoint's positional
-    embedding implies is read (ViT-L/14@336px: 577 positions). dtype: convert the weights (default: keep the
+    the 12 blocks of ViT-B/16 and B/32). The image size is the checkpoint's (ViT-L/14@336px:
+    577 positions). dtype: convert the weights (default: keep the
     checkpoint's, fp16 for OpenAI's archives). Raises CheckpointError on any missing,
     unexpected or mis-shaped key of the vision trunk.
     """

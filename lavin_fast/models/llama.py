@@ -7,9 +7,10 @@
 
 RMSNorm; rotary position embeddings rotating adjacent pairs (x_{2i}, x_{2i+1}) as Meta's code
 does (Hugging Face checkpoints are permuted into this order when loaded); SwiGLU feed-forward
-w2(silu(w1 x) * w3 x); optional grouped-query attention (`n_kv_heads`), `rope_theta` and RoPE
-frequency scaling (`RopeScaling`: "linear", and LLaMA-3.1/3.2's "llama3"), so LLaMA-1, LLaMA-2
-and LLaMA-3.x shapes all fit (a tied output head is the embedding matrix loaded twice). `adapter_attn` is empty in a plain LLaMA (then it
+w2(silu(w1 x) * w3 x); optional grouped-query attention (`n_kv_heads`), `rope_theta`, RoPE
+frequency scaling (`RopeScaling`: "linear", and LLaMA-3.1/3.2's "llama3") and a head width
+other than dim / n_heads, so LLaMA-1, LLaMA-2 and LLaMA-3.x shapes all fit (a tied output head
+is the embedding matrix loaded into both). `adapter_attn` is empty in a plain LLaMA (then it
 is an ordinary language model) and holds an `MMAdapter` in LaVIN (REFERENCE.md section 2).
 
 Heads are never read from the config inside a forward: shapes come from the projections'
