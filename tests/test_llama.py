@@ -1097,6 +1097,19 @@ def test_kv_cache_decoding_matches_the_full_forward(isolate_first, schedule):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
 
+
+def test_kv_cache_decoding_with_scaled_rope_and_explicit_head_dim():
+    """Decoding one position at a time uses the scaled frequencies at every position, past the
+    original context (4 here), and heads wider than dim / n_heads."""
+    scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 4)
+    model = _tiny_model(3, rope_scaling=scaling, explicit_head_dim=16, rope_theta=500000.0)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens, isolate_first=True)
+        cache = model.new_cache()
+        steps = [model(tokens[:, p:p + 1], start_pos=p, cache=cache, isolate_first=True) for p in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+
 def test_isolate_first_model_semantics():
     """Nobody reads position 0 and position 0 reads nobody: changing the later tokens leaves
     logits 0 alone and changing token 0 leaves the later logits alone. The later positions are
