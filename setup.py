@@ -21,6 +21,7 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json (LLaMA-3.x)
         "tqdm",
         "matplotlib",
         "pillow",

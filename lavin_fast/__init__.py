@@ -7,7 +7,8 @@ Public API (re-exported here; each name's module has the details):
   `Transformer`, `LlamaConfig`: the LLaMA; `VisionTransformer`, `ViTConfig`: the CLIP ViT.
 - `load_llama`, `load_clip`: strict loaders of Meta / Hugging Face LLaMA and OpenAI / Hugging
   Face CLIP checkpoints; `save_adapters`, `load_adapters`: adapter files (and the reference's).
-- `Tokenizer`, `generate`: sentencepiece tokenizer and batched KV-cache generation.
+- `Tokenizer`, `generate`: the tokenizer (sentencepiece or a Hugging Face tokenizer.json) and
+  batched KV-cache generation.
 """
 from lavin_fast.checkpoints.adapters import load_adapters, save_adapters
 from lavin_fast.checkpoints.clip import load_clip

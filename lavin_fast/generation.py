@@ -14,9 +14,9 @@ the prefill, so each layer's adapter routes there and the cache keeps the weight
 later step (they depend on the modality token alone, REFERENCE.md section 3).
 
 Decoding is greedy when `temperature == 0`, else temperature and nucleus (top-p) sampling
-from a `torch.Generator` seeded with `seed`. A sample stops at EOS (not part of its answer),
-after `max_new_tokens`, or when its sequence reaches the model's `max_seq_len`; the batch
-stops when every sample has.
+from a `torch.Generator` seeded with `seed`. A sample stops at EOS or another of the
+tokenizer's `stop_ids` (not part of its answer), after `max_new_tokens`, or when its sequence
+reaches the model's `max_seq_len`; the batch stops when every sample has.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ class Generation:
     """What `generate_tokens` produced, one entry per prompt.
 
     tokens: the new token ids, EOS excluded.
-    finish_reasons: "eos" (stopped at EOS), "max_new_tokens", or "max_seq_len" (the prompt and
-    answer filled the model's context).
+    finish_reasons: "eos" (stopped at EOS or another of the tokenizer's stop_ids),
+    "max_new_tokens", or "max_seq_len" (the prompt and answer filled the model's context).
     logits: only with `return_logits=True`: per prompt, [steps, vocab] fp32, the logits each
     new token was chosen from (one row more than `tokens` when the answer ended at EOS).
     """
@@ -145,7 +145,7 @@ def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str]
         return Generation([[] for _ in prompts], [FINISH_MAX_NEW] * batch,
                           [torch.empty(0, model.llama.config.vocab_size) for _ in prompts] if return_logits else None)
 
-    eos = layout.tokenizer.eos_id
+    stops = set(layout.tokenizer.stop_ids)  # EOS, and e.g. LLaMA-3 Instruct's <|eot_id|> and <|eom_id|>
     device = model.llama.tok_embeddings.weight.device
     with torch.inference_mode(), _eval_mode(model):
         # Right-padded prompts: the padding (id 0) is never fed, it only keeps the tensor square.
@@ -186,7 +186,7 @@ def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str]
                     continue  # finished, or still reading its prompt: this logit row is not an answer
                 if return_logits:
                     step_logits[row].append(logits[row].cpu())
-                if token == eos:
+                if token in stops:
                     reasons[row] = FINISH_EOS
                     continue
                 new_tokens[row].append(token)

@@ -64,7 +64,7 @@ class TrainConfig:
     preset: str = "7b"
     llama: str | None = None                 # Meta or Hugging Face LLaMA folder
     clip: str | None = None                  # OpenAI CLIP .pt or Hugging Face folder
-    tokenizer: str | None = None             # sentencepiece tokenizer.model
+    tokenizer: str | None = None             # tokenizer.model, tokenizer.json or the folder holding it
     adapters: str | None = None              # start from these adapter weights
     temperature: float | None = None         # router temperature (preset's: 10 for 7B, 5 for 13B)
     adapter_dropout: float | None = None

@@ -200,6 +200,24 @@ def test_eos_stops_only_its_sample(setup):
     assert scripted.calls == 1
 
 
+
+def test_every_stop_id_stops_its_sample(setup, monkeypatch):
+    """A tokenizer with several end-of-sequence ids (LLaMA-3 Instruct's <|eot_id|> beside
+    <|end_of_text|>): the answer ends at whichever comes first, and none is part of it."""
+    model, layout, _ = setup
+    eos, head = layout.tokenizer.eos_id, model.llama.output
+    prompts, pics = [PROMPTS[0], PROMPTS[1]], [None, None]
+    with head_swapped(model, ScriptedHead(head, eos)):
+        free = generate_tokens(model, layout, prompts, pics, max_new_tokens=7)
+    other = free.tokens[0][2]  # what sample 0 says third becomes a second stop token
+    monkeypatch.setattr(layout.tokenizer, "stop_ids", (eos, other))
+    with head_swapped(model, ScriptedHead(head, eos)):
+        stopped = generate_tokens(model, layout, prompts, pics, max_new_tokens=7)
+    assert stopped.tokens[0] == free.tokens[0][:free.tokens[0].index(other)]
+    assert stopped.finish_reasons[0] == "eos"
+    cut = free.tokens[1].index(other) if other in free.tokens[1] else None
+    assert stopped.tokens[1] == free.tokens[1][:cut]
+
 def test_context_limit_and_zero_budget(setup, monkeypatch):
     model, layout, images = setup
     pics = [None, images[0]]

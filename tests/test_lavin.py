@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from lavin_fast.collate import Batch, Collator, SequenceLayout
 from lavin_fast.data import Sample
 from lavin_fast.models import llama as llama_module
 from lavin_fast.models import vit as vit_module
-from lavin_fast.models.lavin import LaVIN, LaVINConfig
+from lavin_fast.models.lavin import LAVIN_PRESETS, LaVIN, LaVINConfig
 from lavin_fast.models.llama import LlamaConfig, Transformer
 from lavin_fast.models.vit import ViTConfig, VisionTransformer
 from lavin_fast.tokenizer import Tokenizer
@@ -227,6 +228,47 @@ def part_of(name: str) -> str:
 TRAINABLE_NAME = re.compile(
     r"(llama\.layers\.\d+|vit\.blocks\.\d+)\.adapter_attn\.(conv_A|conv_B|conv_D|expert_weights)\.(weight|bias)"
     r"|adapter_proj\.conv_[AB]\.(weight|bias)|adapter_modality_embedding\.weight")
+
+
+
+def _readme_presets() -> dict[str, int]:
+    """preset name -> trainable parameters, from the README's preset table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = {}
+    for row in re.findall(r"^\| (`[^|]+`) \|[^|]+\|[^|]+\| ([\d,]+) \|$", readme, flags=re.M):
+        for name in re.findall(r"`([^`]+)`", row[0]):
+            table[name] = int(row[1].replace(",", ""))
+    return table
+
+
+def test_readme_preset_table_is_the_models_built():
+    """Every preset but "tiny" is in the README's table, with the trainable count of the model
+    built on the meta device, which the formulas of REFERENCE.md section 4 also give."""
+    table = _readme_presets()
+    assert set(table) == set(LAVIN_PRESETS) - {"tiny"}
+    for name, count in table.items():
+        config = LaVINConfig.from_preset(name)
+        with torch.device("meta"):
+            built = LaVIN(config).num_trainable()
+        assert built == sum(expected_counts(config).values()) == count, name
+    assert (table["7b"], table["13b"]) == (3_781_296, 5_390_080)
+
+
+@pytest.mark.parametrize("name, llama, vit", [
+    # LLaMA: (dim, layers, heads, kv heads, FFN width, vocab, rope_theta, llama3 factor) of the
+    # published config.json files; CLIP: (image size, patch, positions, width, blocks, taps).
+    ("llama2-13b", (5120, 40, 40, 40, 13824, 32000, 10000.0, None), (224, 14, 257, 1024, 24, (4, 8, 12, 16, 20, 24))),
+    ("llama3.1-8b-336", (4096, 32, 32, 8, 14336, 128256, 500000.0, 8.0), (336, 14, 577, 1024, 24, (4, 8, 12, 16, 20, 24))),
+    ("llama3.2-1b", (2048, 16, 32, 8, 8192, 128256, 500000.0, 32.0), (224, 14, 257, 1024, 24, (4, 8, 12, 16, 20, 24))),
+    ("llama3.2-3b-336", (3072, 28, 24, 8, 8192, 128256, 500000.0, 32.0), (336, 14, 577, 1024, 24, (4, 8, 12, 16, 20, 24))),
+])
+def test_new_presets_have_the_published_shapes(name, llama, vit):
+    config = LaVINConfig.from_preset(name)
+    c, v = config.llama, config.vit
+    scaling = None if c.rope_scaling is None else c.rope_scaling.factor
+    assert (c.dim, c.n_layers, c.n_heads, c.kv_heads, c.ffn_hidden, c.vocab_size, c.rope_theta, scaling) == llama
+    assert (v.image_size, v.patch_size, 1 + v.grid ** 2, v.width, v.layers, v.taps) == vit
+    assert config.temperature == (5.0 if "13b" in name else 10.0)
 
 
 @pytest.mark.parametrize("preset, total, parts", [

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lavin_fast.checkpoints.llama import LlamaSource, load_llama, load_llama_weights, open_llama
+from lavin_fast.checkpoints.llama import LlamaSource, load_llama, load_llama_weights, open_llama, save_llama
 from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.models.attention import attention, isolated_first_attention
-from lavin_fast.models.llama import LlamaConfig, Transformer, apply_rope, rope_angles
+from lavin_fast.models.llama import LlamaConfig, RopeScaling, Transformer, apply_rope, rope_angles, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def _meta_weights(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     so that a dropped or swapped norm changes the logits."""
     gen = torch.Generator().manual_seed(seed)
     dim, heads = params["dim"], params["n_heads"]
-    kv_heads, head_dim = params.get("n_kv_heads") or heads, dim // heads
+    kv_heads, head_dim = params.get("n_kv_heads") or heads, params.get("head_dim", dim // heads)
 
     def weight(rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
         return scale * torch.randn(rows, cols, generator=gen) / math.sqrt(cols)
@@ -389,7 +389,6 @@ def test_meta_bad_folders_and_params(tmp_path):
             load_llama(case)
 
     attempt(re.escape("unknown keys ['moe_experts']"), {"moe_experts": 8})
-    attempt("use_scaled_rope", {"use_scaled_rope": True})
     attempt(re.escape("unexpected keys (9): layers.2."), {"n_layers": 2})  # the checkpoint has 3
     attempt(re.escape("missing keys (9): layers.3."), {"n_layers": 4})
     # Meta's rule without the multiplier gives 192 hidden, 96 per shard
@@ -518,16 +517,21 @@ def test_hf_sharded_errors_name_the_file(hf_folder, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling .* is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
-     "rope_parameters .* is not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type 'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}},
+     "rope_parameters of type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
+     re.escape("missing ['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings']")),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "attention_factor": 0.5}},
+     re.escape("unknown keys ['attention_factor'] (not implemented)")),
+    ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "factor must be positive"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 500000.0},
      "rope_theta 500000.0 disagrees"),
     ({"attention_bias": True}, "attention_bias is true"),
     ({"mlp_bias": True}, "mlp_bias is true"),
     ({"model_type": "mistral"}, "model_type 'mistral' is not 'llama'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 32}, "head_dim 32"),
+    ({"head_dim": 32}, re.escape("q_proj.weight: checkpoint (64, 64) vs model (128, 64)")),
     ({"num_hidden_layers": 2}, re.escape("unexpected keys (9): model.layers.2.")),
     ({"intermediate_size": 64}, re.escape("mlp.down_proj.weight: checkpoint (64, 96) vs model (64, 64)")),
     ({"num_key_value_heads": 4}, re.escape("k_proj.weight: checkpoint (32, 64) vs model (64, 64)")),
@@ -574,6 +578,125 @@ def test_paths_that_are_neither_format(hf_folder, tmp_path):
     (no_weights / "pytorch_model.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="pytorch_model.bin is not a state dict"):
         load_llama(no_weights)
+
+
+# ---- RoPE scaling: LLaMA-3.1 / 3.2 ("llama3") and "linear" ----------------------------------------
+
+# head_dim 16, theta 500000: wavelengths 6.3, 32.5, 168, ... so with an original context of 64
+# (high/low frequency bounds 16 and 64) the first pair is kept, the second blended, the rest scaled.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+SCALINGS = {"llama3": LLAMA3_SCALING, "linear": {"rope_type": "linear", "factor": 4.0}}
+LONG = 80  # positions past original_max_position_embeddings
+
+
+def _hf_scaled_model(meta: dict[str, torch.Tensor], params: dict, scaling: dict, tied: bool = False):
+    config = _hf_config(params, tie_word_embeddings=tied)
+    config.max_position_embeddings = 256
+    config.rope_parameters = {**scaling, "rope_theta": params["rope_theta"]}
+    model = transformers.LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(_hf_state(meta, params, tied), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set()), (missing, unexpected)
+    return model.eval()
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+@pytest.mark.parametrize("kind", [None, "linear", "llama3"])
+def test_rope_frequencies_equal_transformers_bit_for_bit(kind, theta):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    spec = {"rope_type": "default"} if kind is None else SCALINGS[kind]
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                                      rope_parameters={**spec, "rope_theta": theta})
+    expected = LlamaRotaryEmbedding(config).inv_freq
+    scaling = None if kind is None else RopeScaling(kind, **{k: v for k, v in spec.items() if k != "rope_type"})
+    torch.testing.assert_close(rope_frequencies(16, theta, scaling), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, tied", [("llama3", True), ("linear", False)])
+def test_hf_rope_scaling_matches_transformers_past_the_original_context(tmp_path, kind, tied):
+    """A LLaMA-3.2-style folder (llama3 scaling, rope_theta 500000, tied head, grouped kv heads)
+    and a linearly scaled one give transformers' logits at positions 0..79, past the original 64."""
+    params = {**CONFIGS["gqa"], "rope_theta": 500000.0}
+    meta = _meta_weights(params, seed=11)
+    if tied:
+        meta["tok_embeddings.weight"] /= 8
+        meta["output.weight"] = meta["tok_embeddings.weight"].clone()
+    hf = _hf_scaled_model(meta, params, SCALINGS[kind], tied)
+    hf.save_pretrained(tmp_path / "hf")
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    ours = load_llama(tmp_path / "hf", max_seq_len=LONG)
+    assert ours.config.rope_scaling.kind == kind and ours.config.rope_theta == 500000.0
+    _assert_state_equals(ours, meta)
+    tokens = _tokens(4, length=LONG)
+    expected = _hf_logits(hf, tokens)
+    torch.testing.assert_close(_logits(ours, tokens), expected, **TOL)
+
+    # transformers 4.x's layout of the same config: rope_theta beside rope_scaling with "type"
+    old = {key: value for key, value in raw.items() if key != "rope_parameters"}
+    old.update(rope_theta=500000.0, rope_scaling={**{k: v for k, v in SCALINGS[kind].items() if k != "rope_type"},
+                                                  "type": kind})
+    v4 = _hf_attempt(tmp_path / "hf", tmp_path / "v4", config=old)
+    assert load_llama(v4, max_seq_len=LONG).config == ours.config
+
+    # the comparison is sharp: the same weights without the scaling are far off
+    unscaled = load_llama(tmp_path / "hf", max_seq_len=LONG)
+    unscaled.config.rope_scaling = None
+    assert (_logits(unscaled, tokens) - expected).abs().max() > 1e-2
+
+
+def test_hf_explicit_head_dim_matches_transformers(tmp_path):
+    """head_dim 32 with hidden_size 64 and 4 heads: q/k/v/o are [128, 64] / [64, 128]."""
+    params = {**CONFIGS["gqa"], "head_dim": 32}
+    meta = _meta_weights(params, seed=13)
+    hf = transformers.LlamaForCausalLM(_hf_config(params, head_dim=32))
+    hf.load_state_dict(_hf_state(meta, params))
+    hf.eval().save_pretrained(tmp_path / "hf")
+    ours = load_llama(tmp_path / "hf")
+    assert ours.config.head_dim == 32 and ours.layers[0].attention.wq.weight.shape == (128, 64)
+    _assert_state_equals(ours, meta)
+    tokens = _tokens(6)
+    torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
+    with pytest.raises(ValueError, match="head_dim 32 is not dim / n_heads"):
+        save_llama(ours, tmp_path / "meta")
+    # head_dim equal to hidden_size / heads (LLaMA-3.2's config.json states it) is the plain model
+    plain = CONFIGS["gqa"]
+    transformers.LlamaForCausalLM(_hf_config(plain, head_dim=16)).save_pretrained(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["head_dim"] == 16
+    config = load_llama(tmp_path / "plain").config
+    assert config.explicit_head_dim is None and config.head_dim == 16
+
+
+def test_meta_use_scaled_rope_is_llama31_scaling(tmp_path):
+    """params.json of LLaMA-3.1 (use_scaled_rope, rope_theta 500000) gives transformers' logits
+    with the llama3 scaling Hugging Face's conversion writes for it (factor 8, 1, 4, 8192)."""
+    params = {**CONFIGS["gqa"], "rope_theta": 500000.0}
+    meta = _meta_weights(params, seed=12)
+    folder = _write_meta(tmp_path / "meta", meta, {**params, "use_scaled_rope": True}, shards=2)
+    ours = load_llama(folder, max_seq_len=LONG)
+    assert ours.config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    hf = _hf_scaled_model(meta, params, {**LLAMA3_SCALING, "original_max_position_embeddings": 8192})
+    tokens = _tokens(5, length=LONG)
+    torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
+    # and it is written back as use_scaled_rope
+    again = load_llama(save_llama(ours, tmp_path / "saved"), max_seq_len=LONG)
+    assert json.loads((tmp_path / "saved" / "params.json").read_text())["use_scaled_rope"] is True
+    assert again.config == ours.config
+    ours.config.rope_scaling = RopeScaling("linear", 2.0)
+    with pytest.raises(ValueError, match="params.json cannot express it"):
+        save_llama(ours, tmp_path / "linear")
+
+    # Meta's rope_scaling_factor / rope_high_freq_factor (LLaMA-3.2's factor 32, as Hugging Face's
+    # config says) against transformers with the same numbers
+    folder = _write_meta(tmp_path / "meta32", meta, {**params, "use_scaled_rope": True, "rope_scaling_factor": 32.0,
+                                                     "rope_high_freq_factor": 2.0}, shards=1)
+    ours = load_llama(folder, max_seq_len=LONG)
+    assert ours.config.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 2.0, 8192)
+    hf = _hf_scaled_model(meta, params, {**LLAMA3_SCALING, "factor": 32.0, "high_freq_factor": 2.0,
+                                         "original_max_position_embeddings": 8192})
+    torch.testing.assert_close(_logits(ours, tokens), _hf_logits(hf, tokens), **TOL)
+    again = load_llama(save_llama(ours, tmp_path / "saved32"), max_seq_len=LONG)
+    assert again.config == ours.config
 
 
 # ---- LlamaSource: reading parameters whole or in slices ------------------------------------------
@@ -1012,6 +1135,19 @@ def test_kv_cache_decoding_matches_the_full_forward(isolate_first, schedule):
             start += chunk
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
+
+
+def test_kv_cache_decoding_with_scaled_rope_and_explicit_head_dim():
+    """Decoding one position at a time uses the scaled frequencies at every position, past the
+    original context (4 here), and heads wider than dim / n_heads."""
+    scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 4)
+    model = _tiny_model(3, rope_scaling=scaling, explicit_head_dim=16, rope_theta=500000.0)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens, isolate_first=True)
+        cache = model.new_cache()
+        steps = [model(tokens[:, p:p + 1], start_pos=p, cache=cache, isolate_first=True) for p in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
 
 def test_isolate_first_model_semantics():
     """Nobody reads position 0 and position 0 reads nobody: changing the later tokens leaves

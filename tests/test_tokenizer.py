@@ -1,17 +1,22 @@
-"""The sentencepiece tokenizer: a tiny model trained here, LLaMA's special ids, lossless round
+"""The tokenizers. Sentencepiece: a tiny model trained here, LLaMA's special ids, lossless round
 trips (newlines, repeated spaces, unicode never seen in training), the BOS/EOS flags, errors.
+Hugging Face tokenizer.json: a LLaMA-3-style byte-level BPE trained here, against transformers'
+PreTrainedTokenizerFast reading the same folder.
 
-Expected values come from LLaMA's conventions (unk 0, <s> 1, </s> 2, no pad) and from UTF-8
-itself (byte-fallback pieces are named after the bytes Python's str.encode gives), never from
-the code under test.
+Expected values come from LLaMA's conventions (unk 0, <s> 1, </s> 2, no pad), from UTF-8
+itself (byte-fallback pieces are named after the bytes Python's str.encode gives) and from
+transformers, never from the code under test.
 """
 from __future__ import annotations
 
 import re
+import json
+import shutil
 
 import pytest
 import sentencepiece as spm
 
+from helpers import LLAMA3_SPECIALS, train_hf_tokenizer
 from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.tokenizer import Tokenizer
 
@@ -117,3 +122,97 @@ def test_a_file_that_is_not_sentencepiece_is_a_checkpoint_error_naming_it(tmp_pa
     path.write_bytes(content)  # empty, junk, a Hugging Face tokenizer.json by the wrong name
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + " is not a sentencepiece model"):
         Tokenizer(path)
+# ---- Hugging Face tokenizer.json (LLaMA-3) ------------------------------------------------------
+
+HF_TEXTS = [
+    "Question: Which of these animals is a mammal?\nContext: N/A\nOptions: (A) whale (B) shark\nResponse:",
+    "multi\n\nline\ntext\n", "", " leading space", "trailing space ", "  two  spaces  everywhere  ",
+    "tab\tseparated", "unicode never seen in training: 日本語, Ελληνικά, 🦙, ∑ x² ≤ ∞",
+    "spaces before punctuation . , ? ! and contractions: it 's , do n't , they 're",
+    "a special token in the text: <|eot_id|> stays one token", "digits 1234567890 and 3.14159",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """{"base": LLaMA-3-style folder, "instruct": the Instruct variant} and transformers' tokenizers."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf-tok")
+    folders = {"base": train_hf_tokenizer(root / "base", CORPUS * 10),
+               "instruct": train_hf_tokenizer(root / "instruct", CORPUS * 10, instruct=True)}
+    return {name: (folder, transformers.PreTrainedTokenizerFast.from_pretrained(folder))
+            for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("text", HF_TEXTS)
+def test_hf_tokenizer_encodes_and_decodes_as_transformers(hf_folders, text):
+    folder, fast = hf_folders["base"]
+    ours = Tokenizer(folder)
+    assert ours.hf is not None and ours.sp is None
+    assert ours.encode(text) == fast(text).input_ids  # BOS, as LLaMA-3's post-processor adds it
+    plain = fast(text, add_special_tokens=False).input_ids
+    assert ours.encode(text, bos=False) == plain
+    assert ours.encode(text, bos=True, eos=True) == fast(text).input_ids + [fast.eos_token_id]
+    for ids in (plain, fast(text).input_ids + [fast.eos_token_id]):
+        assert ours.decode(ids) == fast.decode(ids)
+    assert ours.decode(plain) == text  # byte-level BPE is lossless
+
+
+def test_hf_special_tokens_come_from_the_folder(hf_folders):
+    for name, (folder, fast) in hf_folders.items():
+        ours = Tokenizer(folder / "tokenizer.json")
+        assert (ours.bos_id, ours.eos_id, ours.pad_id) == (fast.bos_token_id, fast.eos_token_id, None)
+        assert ours.n_words == len(fast) and fast.convert_ids_to_tokens(ours.bos_id) == "<|begin_of_text|>"
+        end_of_text, eom, eot = fast.convert_tokens_to_ids(list(LLAMA3_SPECIALS[1:]))
+        if name == "base":
+            assert ours.stop_ids == (end_of_text,)
+        else:  # Instruct: trained answers end with <|eot_id|>, generation stops at all three
+            assert ours.eos_id == eot and ours.stop_ids == (eot, end_of_text, eom)
+
+
+def test_hf_clean_up_follows_transformers(hf_folders, tmp_path):
+    """clean_up_tokenization_spaces: transformers skips it for BPE unless forced; forced, the
+    spaces before punctuation go, as in transformers."""
+    transformers = pytest.importorskip("transformers")
+    text = "it 's here . is it ? yes !"
+    base, _ = hf_folders["base"]
+    forced = shutil.copytree(base, tmp_path / "forced")
+    config = json.loads((forced / "tokenizer_config.json").read_text())
+    config["clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"] = True
+    (forced / "tokenizer_config.json").write_text(json.dumps(config))
+    for folder in (base, forced):
+        ids = Tokenizer(folder).encode(text, bos=False)
+        assert Tokenizer(folder).decode(ids) == transformers.PreTrainedTokenizerFast.from_pretrained(folder).decode(ids)
+    assert Tokenizer(forced).decode(Tokenizer(forced).encode(text, bos=False)) == "it's here. is it? yes!"
+
+
+def test_a_folder_picks_its_tokenizer_file(tmp_path, tokenizer, hf_folders):
+    both = shutil.copytree(hf_folders["base"][0], tmp_path / "both")
+    shutil.copy(tokenizer.path, both / "tokenizer.model")  # LLaMA-2 Hugging Face folders ship both
+    assert Tokenizer(both).sp is not None and Tokenizer(both / "tokenizer.json").hf is not None
+    with pytest.raises(FileNotFoundError, match="no sentencepiece model or tokenizer.json"):
+        Tokenizer(tmp_path)
+
+
+def test_hf_errors(tmp_path, hf_folders):
+    base = hf_folders["base"][0]
+
+    def attempt(name, edit, error, match):
+        folder = shutil.copytree(base, tmp_path / name)
+        edit(folder)
+        with pytest.raises(error, match=match):
+            Tokenizer(folder / "tokenizer.json")
+
+    attempt("no-config", lambda f: (f / "tokenizer_config.json").unlink(), CheckpointError,
+            "neither tokenizer_config.json nor special_tokens_map.json")
+    attempt("disagree", lambda f: (f / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": {"content": "<|eot_id|>", "special": True}})), CheckpointError,
+        "eos_token is '<\\|eot_id\\|>' in .*special_tokens_map.json but '<\\|end_of_text\\|>' in .*tokenizer_config")
+    attempt("unknown", lambda f: (f / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|end_of_text|>"})), CheckpointError, "bos_token '<s>' named in")
+    attempt("no-bos", lambda f: (f / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|end_of_text|>"})), ValueError, "name no bos_token")
+    attempt("garbage", lambda f: (f / "tokenizer.json").write_text("{not json"), CheckpointError,
+            "not a readable Hugging Face tokenizer.json")
+    attempt("bad-generation", lambda f: (f / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [1, 10 ** 6]})), CheckpointError, "generation_config.json: eos_token_id")

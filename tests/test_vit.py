@@ -125,6 +125,47 @@ def test_default_taps_are_six_evenly_spaced(tmp_path):
             load_clip(tmp_path / "six", taps=bad)
 
 
+
+@pytest.mark.parametrize("preset, positions, taps", [
+    ("ViT-L/14@336px", 577, (4, 8, 12, 16, 20, 24)),
+    ("ViT-B/16", 197, (2, 4, 6, 8, 10, 12)),
+    ("ViT-B/32", 50, (2, 4, 6, 8, 10, 12)),
+])
+def test_clip_sizes_match_transformers_with_the_tap_rule(tmp_path, preset, positions, taps):
+    """Each OpenAI size (image, patch, blocks as published; narrow here to stay quick) loads
+    from a Hugging Face folder with the preset's positions and taps, and its features are
+    transformers' CLS tokens after those blocks."""
+    shape = ViTConfig.from_preset(preset)
+    transformers = _transformers()
+    torch.manual_seed(1)
+    config = transformers.CLIPVisionConfig(
+        image_size=shape.image_size, patch_size=shape.patch_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=shape.layers, num_attention_heads=2, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    model = _perturb(transformers.CLIPVisionModel(config), 1)
+    model.save_pretrained(tmp_path)
+    ours = load_clip(tmp_path).eval()
+    assert ours.positional_embedding.shape[0] == positions == 1 + shape.grid ** 2
+    assert ours.config.taps == shape.taps == taps
+    images = torch.randn(1, 3, shape.image_size, shape.image_size)
+    with torch.no_grad():
+        features = ours(images)
+    expected = _hf_cls(model, images)
+    for i, k in enumerate(taps):
+        torch.testing.assert_close(features[:, i], expected[k], **TOL)
+
+
+def test_clip_presets_are_openais_published_shapes():
+    """(image size, patch, width, blocks, heads) from OpenAI's CLIP model card."""
+    published = {"ViT-B/32": (224, 32, 768, 12, 12), "ViT-B/16": (224, 16, 768, 12, 12),
+                 "ViT-L/14": (224, 14, 1024, 24, 16), "ViT-L/14@336px": (336, 14, 1024, 24, 16)}
+    for name, shape in published.items():
+        config = ViTConfig.from_preset(name)
+        assert (config.image_size, config.patch_size, config.width, config.layers, config.heads) == shape
+        assert config.activation == "quick_gelu" and config.mlp_hidden == 4 * config.width
+    assert ViTConfig.vit_l14() == ViTConfig()  # LaVIN's tower, the default
+    with pytest.raises(ValueError, match="unknown CLIP preset"):
+        ViTConfig.from_preset("ViT-H/14")
+
 def test_hf_full_clip_model_folder_and_prefixed_keys(tmp_path):
     """A CLIPModel folder (vision_config, vision_model.* keys, text tower) and a vision-only
     folder with the hub's `vision_model.` prefix, in safetensors and pytorch_model.bin."""

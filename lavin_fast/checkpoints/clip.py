@@ -59,7 +59,7 @@ from lavin_fast.checkpoints.strict import (
     torch_load,
     torchscript_tensors,
 )
-from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer
+from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer, default_taps
 
 # ours -> checkpoint, for the parameters outside the blocks and inside block N.
 OPENAI_GLOBAL = {
@@ -133,7 +133,9 @@ def load_clip(
     """CLIP's vision trunk from an OpenAI file or a Hugging Face folder (module docstring).
 
     taps: 1-based blocks whose CLS token `forward` returns; default six evenly spaced ones
-    ((4, 8, ..., 24) for ViT-L/14, LaVIN's). dtype: convert the weights (default: keep the
+    (`default_taps`: 4, 8, ..., 24 for ViT-L/14 at 224 or 336 px, LaVIN's; 2, 4, ..., 12 for
+    the 12 blocks of ViT-B/16 and B/32). The image size is the checkpoint's (ViT-L/14@336px:
+    577 positions). dtype: convert the weights (default: keep the
     checkpoint's, fp16 for OpenAI's archives). Raises CheckpointError on any missing,
     unexpected or mis-shaped key of the vision trunk.
     """
@@ -149,7 +151,7 @@ def load_clip(
         unused = OPENAI_UNUSED
     else:
         raise FileNotFoundError(f"load_clip: no such file or folder: {path}")
-    config = replace(config, taps=tuple(taps) if taps is not None else _default_taps(config.layers))
+    config = replace(config, taps=tuple(taps) if taps is not None else default_taps(config.layers))
 
     with torch.device("meta"):
         model = VisionTransformer(config)
@@ -187,13 +189,6 @@ def save_clip(model: VisionTransformer, path: str | Path) -> Path:
     state = {names[key][0]: tensor.detach().cpu().contiguous()
              for key, tensor in model.state_dict().items() if "adapter" not in key}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-
-
-def _default_taps(layers: int) -> tuple[int, ...]:
-    """Six evenly spaced blocks, LaVIN's choice for ViT-L/14 (4, 8, ..., 24) generalised."""
-    if layers < 6:
-        raise ValueError(f"load_clip: the checkpoint has {layers} blocks (< 6): pass taps explicitly")
-    return tuple(layers * i // 6 for i in range(1, 7))
 
 
 def _names(config: ViTConfig, outside: Mapping[str, str], block: str,

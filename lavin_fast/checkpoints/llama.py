@@ -31,9 +31,13 @@ Key mapping, ours (= Meta's) <- Hugging Face (N = layer index):
 
 Dropped, by exact name only: `rope.freqs` (Meta), `...self_attn.rotary_emb.inv_freq` (old
 Hugging Face files). Every other key must match the model in name and shape, or a
-`CheckpointError` names it in the checkpoint's own spelling, with its file. Configurations
-this LLaMA cannot run (RoPE scaling, attention or MLP biases, another activation, a head_dim
-that is not hidden_size / heads, LLaMA-3.1's scaled RoPE) are refused, never approximated.
+`CheckpointError` names it in the checkpoint's own spelling, with its file. RoPE scaling
+"linear" and "llama3" (LLaMA-3.1/3.2: Hugging Face's `rope_scaling` / `rope_parameters`, Meta's
+`use_scaled_rope`, with Meta's factors: 8 and 4 unless params.json gives
+`rope_scaling_factor` / `rope_high_freq_factor`) are implemented. A head_dim that is
+not hidden_size / heads is read too (q/k/v/o are then [heads x head_dim, hidden]).
+Configurations this LLaMA cannot run (other RoPE scalings, attention or MLP biases, another
+activation) are refused, never approximated.
 
 API: `open_llama` validates a folder (keys, shapes, configuration, replicated and tied
 weights) and returns a `LlamaSource`, which reads one parameter, or one slice of it, on demand;
@@ -78,7 +82,7 @@ from lavin_fast.checkpoints.strict import (
     read_json,
     torch_load,
 )
-from lavin_fast.models.llama import LlamaConfig, Transformer
+from lavin_fast.models.llama import ROPE_SCALINGS, LlamaConfig, RopeScaling, Transformer
 
 # ---- Meta ----------------------------------------------------------------------------------------
 
@@ -94,14 +98,21 @@ META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # params.json keys: those that shape the model, and inference-time settings of Meta's own
 # generator (max_seq_len / max_batch_size: here the caller's max_seq_len rules) that are ignored.
 META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
+               "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+               "max_seq_len", "max_batch_size"}
 META_REQUIRED = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
 # The JSON types params.json's values that shape the model must have (null: absent).
 _INTEGER, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
 META_TYPES = {"dim": _INTEGER, "n_layers": _INTEGER, "n_heads": _INTEGER, "vocab_size": _INTEGER,
               "multiple_of": _INTEGER, "n_kv_heads": ((int, type(None)), "an integer or null"),
               "ffn_dim_multiplier": ((int, float, type(None)), "a number or null"),
-              "norm_eps": _NUMBER, "rope_theta": _NUMBER}
+              "norm_eps": _NUMBER, "rope_theta": _NUMBER, "rope_scaling_factor": _NUMBER,
+              "rope_high_freq_factor": _NUMBER}
+# use_scaled_rope: Meta's LLaMA-3.1 code scales with factor 8 and high frequency factor 4 unless
+# params.json gives rope_scaling_factor / rope_high_freq_factor (the names of Meta's later code),
+# low frequency factor 1 and original context 8192 always. Hugging Face's LLaMA-3.2 configs
+# say factor 32 where Meta's params.json names none.
+META_SCALED_ROPE = RopeScaling("llama3", 8.0)
 
 # ---- Hugging Face --------------------------------------------------------------------------------
 
@@ -128,6 +139,12 @@ HF_CONFIG_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidd
                       "num_attention_heads": 32, "num_key_value_heads": None, "vocab_size": 32000,
                       "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
                       "tie_word_embeddings": False}
+# The parameters of each RoPE type this LLaMA runs (config.json's names are RopeScaling's fields).
+HF_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 # Weight files in the order they are looked for: (single file, index of a sharded save).
 HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -376,6 +393,16 @@ def save_llama(model: Transformer, folder: str | Path) -> Path:
               "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size, "multiple_of": config.multiple_of,
               "ffn_dim_multiplier": config.ffn_dim_multiplier, "norm_eps": config.norm_eps,
               "rope_theta": config.rope_theta}
+    if config.explicit_head_dim is not None:
+        raise ValueError(f"save_llama: head_dim {config.explicit_head_dim} is not dim / n_heads; params.json "
+                         "cannot express it")
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        if dataclasses.replace(scaling, factor=8.0, high_freq_factor=4.0) != META_SCALED_ROPE:
+            raise ValueError(f"save_llama: RoPE scaling {scaling} is not Meta's use_scaled_rope "
+                             f"({META_SCALED_ROPE} with any factors); params.json cannot express it")
+        params.update(use_scaled_rope=True, rope_scaling_factor=scaling.factor,
+                      rope_high_freq_factor=scaling.high_freq_factor)
     if config.ffn_hidden != dataclasses.replace(config, ffn_hidden_dim=None).ffn_hidden:
         raise ValueError(f"save_llama: FFN width {config.ffn_hidden} does not follow Meta's rule from multiple_of "
                          f"{config.multiple_of}; params.json cannot express it")
@@ -477,8 +504,12 @@ def _meta_config(params: Mapping, params_file: Path, shard0: Mapping[str, Tensor
     missing = [key for key in META_REQUIRED if key not in params]
     if missing:
         raise CheckpointError(f"{params_file}: missing {missing}")
+    scaling = None
     if params.get("use_scaled_rope"):
-        raise CheckpointError(f"{params_file}: use_scaled_rope (LLaMA-3.1's RoPE frequency scaling) is not supported")
+        scaling = dataclasses.replace(META_SCALED_ROPE, **{
+            field_name: params[key] for key, field_name in (("rope_scaling_factor", "factor"),
+                                                            ("rope_high_freq_factor", "high_freq_factor"))
+            if params.get(key) is not None})
     vocab_size = params.get("vocab_size", -1)
     if vocab_size == -1:  # "the tokenizer's": the embedding's rows say it
         if "tok_embeddings.weight" not in shard0:
@@ -490,7 +521,7 @@ def _meta_config(params: Mapping, params_file: Path, shard0: Mapping[str, Tensor
             dim=int(params["dim"]), n_layers=int(params["n_layers"]), n_heads=int(params["n_heads"]),
             n_kv_heads=params.get("n_kv_heads"), vocab_size=int(vocab_size), multiple_of=int(params["multiple_of"]),
             ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=float(params["norm_eps"]),
-            rope_theta=float(params.get("rope_theta", 10000.0)), max_seq_len=max_seq_len)
+            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling, max_seq_len=max_seq_len)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{params_file}: {error}") from error
 
@@ -575,39 +606,51 @@ def _hf_config(raw: Mapping, config_file: Path, max_seq_len: int) -> tuple[Llama
         if values[bias]:
             raise CheckpointError(f"{config_file}: {bias} is true; this LLaMA has no biases")
     hidden, heads = int(values["hidden_size"]), int(values["num_attention_heads"])
-    head_dim = values.get("head_dim")
-    if head_dim is not None and heads and int(head_dim) * heads != hidden:
-        raise CheckpointError(f"{config_file}: head_dim {head_dim} x {heads} heads != hidden_size {hidden} "
-                              "(not supported)")
+    head_dim = values.get("head_dim")  # kept only where it is not hidden_size / heads (LLaMA's own is)
+    explicit_head_dim = None if head_dim is None or int(head_dim) * heads == hidden else int(head_dim)
+    theta, scaling = _hf_rope(raw, config_file)
     try:
         config = LlamaConfig(
             dim=hidden, n_layers=int(values["num_hidden_layers"]), n_heads=heads,
             n_kv_heads=values["num_key_value_heads"], vocab_size=int(values["vocab_size"]),
-            norm_eps=float(values["rms_norm_eps"]), rope_theta=_hf_rope_theta(raw, config_file),
-            max_seq_len=max_seq_len, ffn_hidden_dim=int(values["intermediate_size"]))
+            norm_eps=float(values["rms_norm_eps"]), rope_theta=theta, rope_scaling=scaling,
+            max_seq_len=max_seq_len, ffn_hidden_dim=int(values["intermediate_size"]),
+            explicit_head_dim=explicit_head_dim)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{config_file}: {error}") from error
     return config, bool(values["tie_word_embeddings"])
 
 
-def _hf_rope_theta(raw: Mapping, config_file: Path) -> float:
-    """rope_theta from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`).
-    Only plain RoPE runs here: any scaling (linear, dynamic, yarn, llama3, ...) is refused."""
-    theta = raw.get("rope_theta")
+def _hf_rope(raw: Mapping, config_file: Path) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the RoPE scaling from transformers 4.x (`rope_theta`, `rope_scaling`) or
+    5.x (`rope_parameters`). Plain RoPE, "linear" and "llama3" run here; any other type
+    (dynamic, yarn, longrope, ...) or an unknown parameter is refused by name."""
+    theta, scaling = raw.get("rope_theta"), None
     for name in ("rope_scaling", "rope_parameters"):
         spec = raw.get(name)
         if spec is None:
             continue
-        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, Mapping) else None
-        extra = sorted(set(spec) - {"rope_type", "type", "rope_theta"}) if isinstance(spec, Mapping) else None
-        if kind != "default" or extra:
-            raise CheckpointError(f"{config_file}: {name} {spec!r} is not supported: only plain RoPE (rope_type "
-                                  "'default', no scaling) is implemented")
+        if not isinstance(spec, Mapping):
+            raise CheckpointError(f"{config_file}: {name} {spec!r} is not a JSON object")
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in HF_ROPE_KEYS:
+            raise CheckpointError(f"{config_file}: {name} of type {kind!r} is not supported: only plain RoPE "
+                                  f"(rope_type 'default') and the scalings {ROPE_SCALINGS} are implemented")
+        extra = sorted(set(spec) - {"rope_type", "type", "rope_theta", *HF_ROPE_KEYS[kind]})
+        missing = [key for key in HF_ROPE_KEYS[kind] if key not in spec]
+        if extra or missing:
+            raise CheckpointError(f"{config_file}: {name} {spec!r} of type {kind!r}: "
+                                  + (f"unknown keys {extra} (not implemented)" if extra else f"missing {missing}"))
         if "rope_theta" in spec:
             if theta is not None and float(theta) != float(spec["rope_theta"]):
                 raise CheckpointError(f"{config_file}: rope_theta {theta} disagrees with {name} {spec!r}")
             theta = spec["rope_theta"]
-    return 10000.0 if theta is None else float(theta)
+        if kind != "default":
+            try:
+                scaling = RopeScaling(kind, **{key: spec[key] for key in HF_ROPE_KEYS[kind]})
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{config_file}: {name}: {error}") from error
+    return 10000.0 if theta is None else float(theta), scaling
 
 
 def _open_hf_weights(folder: Path) -> _Checkpoint:

@@ -1,6 +1,6 @@
 """Strict state-dict loading with errors that name every problem at once, and the safe reading
 of torch files that every checkpoint format here shares: `torch_load` (weights_only) for
-`torch.save` files, `torchscript_tensors` for TorchScript archives, which it reads without
+`torch.save` files, `read_json` for JSON files, `torchscript_tensors` for TorchScript archives, which it reads without
 running them.
 
 `torch.nn.Module.load_state_dict(strict=True)` already refuses missing and unexpected keys, but
@@ -91,7 +91,7 @@ def check_floating(dtypes: Mapping[str, torch.dtype | str], source: str) -> None
 
 
 def read_json(file: Path) -> dict:
-    """A JSON object from `file`, or a CheckpointError naming the file."""
+    """A JSON object from `file` (a config, an index, a params.json), or CheckpointError naming it."""
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

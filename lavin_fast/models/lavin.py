@@ -8,7 +8,8 @@
     logits   = llama(h), an MMAdapter before every attention, t_m isolated in the mask
 
 Only the adapters, the neck and the modality embedding train (every parameter whose name holds
-"adapter", as in the reference): 3,781,296 for 7B, 5,390,080 for 13B (REFERENCE.md section 4).
+"adapter", as in the reference): 3,781,296 for 7B, 5,390,080 for 13B (REFERENCE.md section 4);
+the presets of LLaMA-2 and LLaMA-3.x (`LAVIN_PRESETS`) and their counts are in the README.
 Text-only samples skip the vision tower. The modality token at position 0 is seen by nobody
 but itself, so each layer's router, which reads position 0, depends on the modality alone.
 """
@@ -56,18 +57,21 @@ class LaVINConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> LaVINConfig:
-        """"7b" (LLaMA-7B), "13b" (LLaMA-13B), both with CLIP ViT-L/14, or "tiny" (the demo's)."""
-        presets = {
-            "7b": lambda: cls(llama=LlamaConfig.from_preset("llama-7b"), vit=ViTConfig.vit_l14(), temperature=10.0),
-            "13b": lambda: cls(llama=LlamaConfig.from_preset("llama-13b"), vit=ViTConfig.vit_l14(), temperature=5.0),
-            "tiny": lambda: cls(llama=LlamaConfig.from_preset("tiny"),
-                                vit=ViTConfig(image_size=56, patch_size=14, width=128, layers=6, heads=2,
-                                              taps=(1, 2, 3, 4, 5, 6)),
-                                neck_hidden=32),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown LaVIN preset {name!r}; known: {sorted(presets)}")
-        return dataclasses.replace(presets[name](), **overrides)
+        """"7b" (LLaMA-7B), "13b" (LLaMA-13B), both with CLIP ViT-L/14, "tiny" (the demo's), or a
+        newer LLaMA with ViT-L/14 at 224 px or, suffixed "-336", at 336 px (LLaVA-1.5's
+        pairing): "llama2-7b", "llama2-13b", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b"
+        (`LAVIN_PRESETS`). The router temperature is the paper's: 5 for the 13B models, else 10."""
+        if name not in LAVIN_PRESETS:
+            raise ValueError(f"unknown LaVIN preset {name!r}; known: {sorted(LAVIN_PRESETS)}")
+        if name == "tiny":
+            base = cls(llama=LlamaConfig.from_preset("tiny"),
+                       vit=ViTConfig(image_size=56, patch_size=14, width=128, layers=6, heads=2, taps=(1, 2, 3, 4, 5, 6)),
+                       neck_hidden=32)
+        else:
+            llama, vit = LAVIN_PRESETS[name]
+            base = cls(llama=LlamaConfig.from_preset(llama), vit=ViTConfig.from_preset(vit),
+                       temperature=5.0 if llama.endswith("13b") else 10.0)
+        return dataclasses.replace(base, **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +82,17 @@ class LaVINConfig:
         llama = LlamaConfig(**values.pop("llama"))
         vit = ViTConfig(**{**values.pop("vit")})
         return cls(llama=llama, vit=vit, **values)
+
+
+# LaVIN preset -> (LLaMA preset, CLIP preset); "tiny" is built in `LaVINConfig.from_preset`.
+LAVIN_PRESETS: dict[str, tuple[str, str] | None] = {
+    "7b": ("llama-7b", "ViT-L/14"),
+    "13b": ("llama-13b", "ViT-L/14"),
+    "tiny": None,
+    **{f"{llama}{suffix}": (llama, vit)
+       for llama in ("llama2-7b", "llama2-13b", "llama3.1-8b", "llama3.2-1b", "llama3.2-3b")
+       for suffix, vit in (("", "ViT-L/14"), ("-336", "ViT-L/14@336px"))},
+}
 
 
 class LaVIN(nn.Module):
@@ -112,7 +127,7 @@ class LaVIN(nn.Module):
         file or the reference's `checkpoint-E.pth` (`load_adapters`).
 
         Adapter hyper-parameters come from the adapter file when it is lavin_fast's, else from
-        `preset` ("7b", "13b", "tiny"; default by the LLaMA's width: 5120 -> "13b", else "7b")
+        `preset` (`LAVIN_PRESETS`; default by the LLaMA's width: 5120 -> "13b", else "7b")
         and the reference checkpoint's recorded temperature, then from `overrides`. dtype
         converts the frozen backbones; the trainable parameters are created in fp32 on `device`.
         Loading is strict throughout.

@@ -7,8 +7,10 @@
 
 RMSNorm; rotary position embeddings rotating adjacent pairs (x_{2i}, x_{2i+1}) as Meta's code
 does (Hugging Face checkpoints are permuted into this order when loaded); SwiGLU feed-forward
-w2(silu(w1 x) * w3 x); optional grouped-query attention (`n_kv_heads`) and `rope_theta`, so
-LLaMA-1, LLaMA-2 and LLaMA-3 shapes all fit. `adapter_attn` is empty in a plain LLaMA (then it
+w2(silu(w1 x) * w3 x); optional grouped-query attention (`n_kv_heads`), `rope_theta`, RoPE
+frequency scaling (`RopeScaling`: "linear", and LLaMA-3.1/3.2's "llama3") and a head width
+other than dim / n_heads, so LLaMA-1, LLaMA-2 and LLaMA-3.x shapes all fit (a tied output head
+is the embedding matrix loaded into both). `adapter_attn` is empty in a plain LLaMA (then it
 is an ordinary language model) and holds an `MMAdapter` in LaVIN (REFERENCE.md section 2).
 
 Heads are never read from the config inside a forward: shapes come from the projections'
@@ -18,6 +20,7 @@ runs this code unchanged on its local heads.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +29,37 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lavin_fast.models.attention import attention, isolated_first_attention
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling of a long-context LLaMA, as transformers defines it
+    (`modeling_rope_utils`), applied to the inverse frequencies f_i = theta^(-2i / Dh):
+
+    - "linear": every f_i / factor (position interpolation);
+    - "llama3" (LLaMA-3.1, 3.2): with wavelength w_i = 2 pi / f_i and L the original context,
+      f_i unchanged where w_i < L / high_freq_factor, f_i / factor where w_i > L / low_freq_factor,
+      and in between (1 - s) f_i / factor + s f_i with s = (L / w_i - low) / (high - low).
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"RopeScaling: kind must be one of {ROPE_SCALINGS}, got {self.kind!r}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling: factor must be positive, got {self.factor}")
+        if self.kind == "llama3" and not (self.high_freq_factor > self.low_freq_factor > 0
+                                          and self.original_max_position_embeddings > 0):
+            raise ValueError(f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor > 0 and a positive "
+                             f"original_max_position_embeddings, got {self}")
+
+
+ROPE_SCALINGS = ("linear", "llama3")
 
 
 @dataclass
@@ -45,10 +79,17 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 512
     ffn_hidden_dim: int | None = None
+    rope_scaling: RopeScaling | None = None
+    explicit_head_dim: int | None = None  # Hugging Face's head_dim where it is not dim / n_heads
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, Mapping):  # from a config saved as JSON (LaVINConfig.to_dict)
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         kv_heads = self.kv_heads
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.explicit_head_dim is not None:
+            if self.explicit_head_dim < 2 or self.explicit_head_dim % 2:
+                raise ValueError(f"LlamaConfig: explicit_head_dim {self.explicit_head_dim} must be even and positive")
+        elif self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"LlamaConfig: dim {self.dim} must split into {self.n_heads} heads of even size")
         if self.n_heads % kv_heads:
             raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {kv_heads}")
@@ -61,7 +102,7 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -74,7 +115,8 @@ class LlamaConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> LlamaConfig:
-        """One of `LLAMA_PRESETS` ("llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "tiny")."""
+        """One of `LLAMA_PRESETS` ("llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3.1-8b",
+        "llama3.2-1b", "llama3.2-3b", "tiny")."""
         if name not in LLAMA_PRESETS:
             raise ValueError(f"unknown LLaMA preset {name!r}; known: {sorted(LLAMA_PRESETS)}")
         return replace(LLAMA_PRESETS[name], **overrides)
@@ -85,6 +127,16 @@ LLAMA_PRESETS = {
     "llama-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40),
     "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5),
     "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5),
+    # The published params.json / config.json of each (the 3.2 models tie their output head).
+    "llama3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
+                               rope_scaling=RopeScaling("llama3", 8.0)),
+    "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                               ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0,
+                               rope_scaling=RopeScaling("llama3", 32.0)),
+    "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                               ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=500000.0,
+                               rope_scaling=RopeScaling("llama3", 32.0)),
     # The demo's and the tests' model: small enough to pretrain on a CPU in a minute.
     "tiny": LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32),
 }
@@ -103,10 +155,30 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_angles(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
+    """The inverse frequencies [head_dim / 2] fp32, theta^(-2i / head_dim), scaled as `scaling`
+    says; the same fp32 arithmetic as transformers, so the angles agree to the last bit."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    context, factor = scaling.original_max_position_embeddings, scaling.factor
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_angles(head_dim: int, positions: Tensor, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, [L, head_dim / 2] fp32: position p, pair i turns by
-    p * theta^(-2i / head_dim)."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    p * f_i (`rope_frequencies`)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -261,7 +333,7 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: expected [batch, length, {self.config.dim}] embeddings, got {tuple(h.shape)}")
         length = h.shape[1]
         positions = torch.arange(start_pos, start_pos + length, device=h.device)
-        cos, sin = rope_angles(self.config.head_dim, positions, self.config.rope_theta)
+        cos, sin = rope_angles(self.config.head_dim, positions, self.config.rope_theta, self.config.rope_scaling)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None

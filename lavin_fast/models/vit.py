@@ -67,7 +67,37 @@ class ViTConfig:
     @classmethod
     def vit_l14(cls, **overrides) -> ViTConfig:
         """OpenAI CLIP ViT-L/14 at 224 px, LaVIN's vision tower."""
-        return cls(**{**dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16), **overrides})
+        return cls.from_preset("ViT-L/14", **overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ViTConfig:
+        """One of OpenAI's CLIP vision towers by its OpenAI name (`VIT_PRESETS`: "ViT-B/32",
+        "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"; Hugging Face's openai/clip-vit-* are the same
+        weights), tapped by the rule of `default_taps` unless overrides say otherwise."""
+        if name not in VIT_PRESETS:
+            raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(VIT_PRESETS)}")
+        shape = VIT_PRESETS[name]
+        return cls(**{**shape, "taps": default_taps(shape["layers"]), **overrides})
+
+
+# (image size, patch, width, blocks, heads) as OpenAI published them; positions 1 + (size / patch)^2.
+VIT_PRESETS = {
+    "ViT-B/32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12),        # 50 positions
+    "ViT-B/16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),        # 197
+    "ViT-L/14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16),       # 257
+    "ViT-L/14@336px": dict(image_size=336, patch_size=14, width=1024, layers=24, heads=16),  # 577
+}
+
+
+def default_taps(layers: int) -> tuple[int, ...]:
+    """The blocks whose CLS tokens feed the neck by default: six evenly spaced ones, block
+    floor(k * layers / 6) for k = 1..6. For ViT-L/14's 24 blocks that is LaVIN's 4, 8, ..., 24
+    (REFERENCE.md section 3); for the 12 blocks of ViT-B/16 and B/32, 2, 4, ..., 12 (the same
+    relative depths)."""
+    if layers < 6:
+        raise ValueError(f"default_taps: a tower of {layers} blocks (< 6) has no six evenly spaced taps: "
+                         "pass taps explicitly")
+    return tuple(layers * i // 6 for i in range(1, 7))
 
 
 def quick_gelu(x: Tensor) -> Tensor:
