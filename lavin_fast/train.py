@@ -385,9 +385,10 @@ def _stop_unless_finite(session, out: Path, model, loss: torch.Tensor, step: int
              for p in model.parameters() if p.grad is not None]
     bad = torch.stack([~torch.isfinite(g).all() for g in grads]).sum() if grads else torch.zeros((), device=loss.device)
     bad_grads = int(session.all_reduce_sum(bad.to(torch.float64)).item())
-    if math.isfinite(loss.item()) and bad_grads == 0:
+    value = loss.item()
+    if math.isfinite(value) and bad_grads == 0:
         return
-    what = f"the loss is {loss.item()}" if not math.isfinite(loss.item()) else f"{bad_grads} gradient(s) are not finite"
+    what = f"the loss is {value}" if not math.isfinite(value) else f"{bad_grads} gradient(s) are not finite"
     last = run_folder.named_checkpoint(out)
     kept = f"the last good checkpoint, {last}, is kept" if last is not None else "no checkpoint was written yet"
     raise NonFiniteStepError(f"step {step}: {what}; stopped before updating the adapters and {kept} "

@@ -57,6 +57,21 @@ def test_a_fresh_run_into_another_runs_folder_is_refused_and_overwrite_moves_tha
     assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-0000001"]
 
 
+def test_under_torchrun_every_rank_refuses_another_runs_folder(tmp_path, shared_inputs):
+    """Rank 0 checks the folder; rank 1 raises the same refusal instead of waiting for it."""
+    out = tmp_path / "run"
+    write_files(out, ANOTHER_RUN)
+    paths = [arg for key, value in shared_inputs.items() for arg in (f"--{key.replace('_', '-')}", value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "lavin_fast.train", "--preset", "tiny", *paths, "--out", str(out), "--max-steps", "1", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parent.parent,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LAVIN_FAST_LOG": "WARNING"})
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: lavin_fast.run_folder.RunFolderError: {out} holds another run" in done.stderr, done.stderr
+    assert read_files(out, ANOTHER_RUN) == ANOTHER_RUN
+
+
 def test_a_second_trainer_is_refused_and_a_dead_trainers_lock_is_taken_over(tmp_path, shared_inputs, monkeypatch,
                                                                            caplog):
     """A trainer started while another writes the folder (here: from inside the first one's
