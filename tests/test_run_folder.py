@@ -174,6 +174,7 @@ def test_resume_survives_a_torn_log_a_damaged_pointer_and_a_damaged_newest_check
     (out / "checkpoints" / "latest.json").write_text('{"dir": "step-00')      # torn
     for shard in (out / "checkpoints" / "step-0000004" / "dcp").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])                             # truncated
+    (out / "checkpoints" / "step-0000005" / "dcp").mkdir(parents=True)          # killed before extra.pt
     leftovers = [out / ".adapters.safetensors.k1lled.tmp", out / "checkpoints" / "step-0000003" / ".extra.pt.x.tmp"]
     for path in leftovers:
         path.write_text("half")
@@ -184,7 +185,8 @@ def test_resume_survives_a_torn_log_a_damaged_pointer_and_a_damaged_newest_check
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     assert resumed[:3] == unbroken[:3] and resumed[3]["loss"] == unbroken[3]["loss"]   # step 4 replayed from 3
     assert "latest.json is damaged" in caplog.text
-    assert "resuming from step-0000003; skipped step-0000004: damaged" in caplog.text
+    assert ("resuming from step-0000003; skipped step-0000005: incomplete (no extra.pt); step-0000004: damaged"
+            in caplog.text)
     assert "dropped unreadable line(s) 5" in caplog.text
     assert not any(path.exists() for path in leftovers)
 
