@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 
 from lavin_fast import train as training
 from lavin_fast.data import BAD_SAMPLES, SKIPPED_FILE
+from lavin_fast.run_folder import read_run_config
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.scienceqa import SPLITS
 
@@ -62,10 +62,7 @@ def _load(args: argparse.Namespace):
     """(model in eval mode, collator, training config) from --run or explicit paths."""
     if args.run:
         run = Path(args.run)
-        config_file = run / "run_config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{run} is not a training run folder (no run_config.json)")
-        values = json.loads(config_file.read_text())
+        values = read_run_config(run)      # paths inside the run joined to where it is now
         cfg = training.TrainConfig(**{**values, "adapters": str(run / "adapters.safetensors"), "dtype": args.dtype})
     else:
         cfg = training.TrainConfig(preset=args.preset or "7b", llama=args.llama, clip=args.clip,

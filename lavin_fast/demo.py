@@ -38,7 +38,7 @@ def run_demo(out: str | Path = "runs/demo", *, seed: int = 0) -> dict:
     paths = tiny.tiny_backbones(out / "backbones", data_root, seed=seed, pretrain_steps=200)
     cfg = TrainConfig(preset="tiny", data_root=str(data_root), out=str(out / "run"), seed=seed,
                       epochs=5, effective_batch=32, micro_batch=32, lr=1e-2,
-                      warmup_epochs=1, dtype="fp32", **{k: str(v) for k, v in paths.items()})
+                      warmup_epochs=1, dtype="fp32", overwrite=True, **{k: str(v) for k, v in paths.items()})
     train(cfg)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

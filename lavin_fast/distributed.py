@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lavin_fast import parallel
 from lavin_fast.io import atomic_write
+from lavin_fast.run_folder import RunFolderError, RunLock
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Session:
     world: int
     device: torch.device
     mesh: DeviceMesh | None
+    lock: RunLock | None = None        # rank 0's lock on the run folder
 
     @property
     def is_main(self) -> bool:
@@ -128,7 +131,10 @@ class Session:
                                                   options=StateDictOptions(ignore_frozen_params=True))
         state = {"model": model_state, "optim": optim_state}
         with self._quiet_dcp():
-            dcp.load(state, checkpoint_id=str(folder / "dcp"))
+            try:
+                dcp.load(state, checkpoint_id=str(folder / "dcp"))
+            except CheckpointException as error:   # a BaseException: the ranks' tracebacks in one text
+                raise RuntimeError(f"cannot read {folder / 'dcp'}: {str(error).strip().splitlines()[-1]}") from None
         # strict=False only lets the frozen weights stay out: dcp.load has already failed on any
         # trainable key or optimizer state the checkpoint lacks.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -154,14 +160,18 @@ class Session:
         self.barrier()
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def start(cfg) -> Session:
     """Join torchrun's process group (if any), pick the device, build the (dp, tp) mesh, and
-    let rank 0 prepare what the run writes before the others read it."""
-    from lavin_fast.train import prepare_embedded_default
+    let rank 0 claim the run folder and prepare what the run writes before the others read it.
+    A refusal of rank 0 (a ValueError: the folder is another run's, or locked, ...) is raised
+    by every rank."""
+    from lavin_fast.train import claim_run_folder, prepare_embedded_default
 
     rank, world = parallel.init_distributed()
     if torch.cuda.is_available():
@@ -169,10 +179,20 @@ def start(cfg) -> Session:
     else:
         device = torch.device("cpu")
     mesh = parallel.build_mesh(cfg.dp, cfg.tp)
+    lock, refusal = None, None
     if rank == 0:
-        cfg = prepare_embedded_default(cfg)
+        try:
+            cfg, lock = claim_run_folder(cfg)
+        except ValueError as error:
+            refusal = error
     if world > 1:
-        dist.barrier()
+        verdict = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(verdict, src=0)     # also the barrier before the others read
+        if verdict[0] is not None:
+            dist.destroy_process_group()
+            raise refusal if rank == 0 else RunFolderError(verdict[0])
         if rank != 0:
             cfg = prepare_embedded_default(cfg)   # rank 0 wrote everything: this only finds it
-    return Session(cfg=cfg, rank=rank, world=world, device=device, mesh=mesh)
+    elif refusal is not None:
+        raise refusal
+    return Session(cfg=cfg, rank=rank, world=world, device=device, mesh=mesh, lock=lock)

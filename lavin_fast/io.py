@@ -1,7 +1,8 @@
 """Atomic file writes: a file a user saved is either the old one or the new one, never half.
 
 Write to a temporary file in the same folder, flush it to disk, then `os.replace` it over the
-target (atomic on POSIX and Windows when both live on one filesystem).
+target (atomic on POSIX and Windows when both live on one filesystem). The file gets the mode
+any new file would (0o666 less the umask), not mkstemp's private 0o600.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -26,6 +28,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

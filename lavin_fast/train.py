@@ -10,7 +10,9 @@ into `--out`: `run_config.json` (the resolved configuration, what `lavin-fast ev
 the model from), `log.jsonl` (one object per optimizer step), `loss.png`, checkpoints under
 `checkpoints/step-N/` (adapters in safetensors, plus the optimizer, scheduler, step and RNG
 state) and the final `adapters.safetensors`. `--resume` continues from the latest checkpoint
-exactly where it stopped.
+exactly where it stopped. The folder belongs to one run (`lavin_fast.run_folder`): locked while
+a trainer writes it, refused to a fresh run while it holds another run (`--overwrite` moves that
+one aside), and a `--resume` must keep the stored recipe.
 
 Mixed batches: image and text-only samples are drawn together at random (one shuffled order
 over the whole dataset, `recipe.micro_batches`); each optimizer step sees `effective_batch`
@@ -27,7 +29,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lavin_fast import data, recipe
+from lavin_fast import data, recipe, run_folder
 from lavin_fast.collate import Collator, SequenceLayout
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
@@ -102,6 +103,7 @@ class TrainConfig:
     save_every: int = 0                      # optimizer steps between checkpoints (0: every epoch)
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False                  # a fresh run into a folder holding a run moves that one aside
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -183,6 +185,8 @@ HELP = {
                            "(CLIP's own resize, center crop and statistics).",
     "bad_samples": "A sample whose image is damaged: stop before training (error) or leave it out and list it "
                    "in skipped_samples.json (skip).",
+    "overwrite": "A fresh run into a folder holding another run moves that run into replaced-<UTC time>/ "
+                 "inside it (nothing is deleted).",
     "max_len": "Longest sequence in tokens; a longer prompt loses its start.",
     "epochs": "Passes over the training data.",
     "max_steps": "Optimizer steps of the run, > 0, instead of --epochs (warmup and cosine decay fit into them).",
@@ -285,6 +289,21 @@ def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def claim_run_folder(cfg: TrainConfig) -> tuple[TrainConfig, run_folder.RunLock]:
+    """Lock `out` and make it this run's (run_folder.claim), fill in the embedded default, and
+    refuse a `--resume` whose recipe differs from the stored one. Returns the config and the
+    held lock (released again if anything here fails)."""
+    lock = run_folder.claim(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
+    try:
+        cfg = prepare_embedded_default(cfg)
+        if cfg.resume:
+            run_folder.check_resume_recipe(Path(cfg.out), dataclasses.asdict(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return cfg, lock
+
+
 def build_model(cfg: TrainConfig, device: torch.device,
                 parallelize: Callable[[LaVIN], None] | None = None) -> tuple[LaVIN, Tokenizer]:
     """LaVIN from the configured checkpoints, adapters fp32, backbone in the run's dtype;
@@ -344,13 +363,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest.json"
-    if not pointer.is_file():
-        return None
-    return out / "checkpoints" / json.loads(pointer.read_text())["dir"]
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -361,11 +373,22 @@ class RunState:
     records: list[dict] = field(default_factory=list)
 
 
+class NonFiniteStepError(UserError):
+    """A step whose loss or gradient is not finite: the run stops before the adapters take it."""
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the output folder."""
     from lavin_fast import distributed
 
     session = distributed.start(cfg)
+    try:
+        return _train(session)
+    finally:
+        session.close()        # and the run folder's lock, however the run ended
+
+
+def _train(session) -> Path:
     cfg = session.cfg
     out = Path(cfg.out)
     device = session.device
@@ -390,20 +413,20 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = recipe.build_optimizer(model, peak_lr, cfg.weight_decay)
     scheduler = recipe.build_scheduler(optimizer, warmup_steps, total_steps)
     state = RunState()
-    if cfg.resume and (checkpoint := latest_checkpoint(out)) is not None:
-        extra = session.load_checkpoint(checkpoint, model, optimizer)
+    if cfg.resume and (resumed := run_folder.load_newest(
+            out, lambda folder: session.load_checkpoint(folder, model, optimizer))) is not None:
+        checkpoint, extra = resumed
         scheduler.load_state_dict(extra["scheduler"])
         _set_rng_state(extra["rng"][session.rank] if session.rank < len(extra["rng"]) else extra["rng"][0])
         state.step = extra["step"]
         log.info("resumed from %s at step %d", checkpoint, state.step)
-        if session.is_main:   # checkpoints of steps after it belong to the abandoned continuation
-            for later in (out / "checkpoints").glob("step-*"):
-                if later.is_dir() and int(later.name.split("-")[1]) > state.step:
-                    shutil.rmtree(later, ignore_errors=True)
+        if session.is_main:
+            run_folder.remove_checkpoints_after(out, state.step)
         session.barrier()
     if session.is_main:
-        atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        state.records = _read_log_until(out / "log.jsonl", state.step)
+        atomic_write_text(out / "run_config.json",
+                          json.dumps(run_folder.storable_config(dataclasses.asdict(cfg), out), indent=2))
+        state.records = run_folder.read_log_until(out / "log.jsonl", state.step)
         if skipped:
             data.report_skipped(out, skipped)
         log.info("LaVIN %s: %d trainable parameters; %d samples, %d steps (%d per epoch), peak lr %.3g, "
@@ -429,12 +452,14 @@ def train(cfg: TrainConfig) -> Path:
                 loss = model.loss(batch) * batch.answer_tokens / tokens
             loss.backward()
             loss_sum += loss.detach()
+        loss_sum = session.all_reduce_sum(loss_sum)
+        _stop_unless_finite(session, out, model, loss_sum, step + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         state.step = step + 1
-        record = {"step": state.step, "loss": session.all_reduce_sum(loss_sum).item(), "lr": lr,
+        record = {"step": state.step, "loss": loss_sum.item(), "lr": lr,
                   "answer_tokens": tokens, "epoch": step / steps_per_epoch,
                   "seconds": time.perf_counter() - started,
                   "truncated": collator.stats.truncated, "dropped": collator.stats.dropped}
@@ -455,8 +480,25 @@ def train(cfg: TrainConfig) -> Path:
                  out / "adapters.safetensors",
                  f"; {len(skipped)} samples with a damaged image left out ({data.SKIPPED_FILE})" if skipped else "")
     session.export_adapters(model, out / "adapters.safetensors")
-    session.close()
     return out
+
+
+def _stop_unless_finite(session, out: Path, model, loss: torch.Tensor, step: int) -> None:
+    """Raise NonFiniteStepError, on every rank alike, when the step's loss (summed over ranks) or
+    any gradient is not finite: before the optimizer applies it, so the adapters and the
+    checkpoints stay what the last good step made them."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+             for p in model.parameters() if p.grad is not None]
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).sum() if grads else torch.zeros((), device=loss.device)
+    bad_grads = int(session.all_reduce_sum(bad.to(torch.float64)).item())
+    value = loss.item()
+    if math.isfinite(value) and bad_grads == 0:
+        return
+    what = f"the loss is {value}" if not math.isfinite(value) else f"{bad_grads} gradient(s) are not finite"
+    last = run_folder.named_checkpoint(out)
+    kept = f"the last good checkpoint, {last}, is kept" if last is not None else "no checkpoint was written yet"
+    raise NonFiniteStepError(f"step {step}: {what}; stopped before updating the adapters and {kept} "
+                             "(lower --lr, check the data, then --resume)")
 
 
 def _save(session, out: Path, model, optimizer, scheduler, step: int, keep: int) -> None:
@@ -465,22 +507,8 @@ def _save(session, out: Path, model, optimizer, scheduler, step: int, keep: int)
     session.save_checkpoint(folder, model, optimizer, extra)
     if session.is_main:
         # The pointer moves only once everything of the new checkpoint is on disk.
-        atomic_write_text(out / "checkpoints" / "latest.json", json.dumps({"dir": folder.name, "step": step}))
-        old = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _read_log_until(path: Path, step: int) -> list[dict]:
-    """The log's records up to `step`, rewritten without later ones (a resumed run replays
-    the steps after its checkpoint and logs them again)."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r["step"] <= step]
-    if len(kept) != len(records):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+        run_folder.write_pointer(out, folder, step)
+        run_folder.rotate(out, keep)
 
 
 def _append_log(path: Path, record: dict) -> None:

@@ -39,8 +39,9 @@ def load_run(run, adapters=True):
     import torch
 
     from lavin_fast import train as training
+    from lavin_fast.run_folder import read_run_config
 
-    values = json.loads((run / "run_config.json").read_text())
+    values = read_run_config(run)
     cfg = training.TrainConfig(**{**values, "adapters": str(run / "adapters.safetensors") if adapters else None})
     model, tokenizer = training.build_model(cfg, torch.device("cpu"))
     return model.eval(), training.build_collator(model, tokenizer, cfg), cfg
