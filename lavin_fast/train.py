@@ -256,7 +256,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                    or (kind is float and type(value) is int))
             if not ok:
                 raise UserError(f"config file {path}: {key} should be {kind.__name__}, got {value!r}")
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    values.update(flags)
+    out = Path(values.get("out", TrainConfig.out))
+    if values.get("resume") and (out / "run_config.json").is_file():
+        # A resume continues the stored recipe: what neither --config nor a flag gives comes from
+        # run_config.json, so `--resume --out RUN` alone is enough (a differing value is refused).
+        stored = run_folder.read_run_config(out)
+        values = {**{k: v for k, v in stored.items() if k not in ("out", "resume", "overwrite")}, **values}
     return TrainConfig(**values)
 
 

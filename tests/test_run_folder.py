@@ -163,6 +163,19 @@ def test_resume_with_another_recipe_is_refused_naming_the_keys(tmp_path, shared_
     assert json.loads((out / "run_config.json").read_text())["max_steps"] == 3
 
 
+def test_resume_with_only_resume_and_out_continues_the_stored_recipe(tmp_path, shared_inputs):
+    """`--resume --out RUN` alone takes every value it is not given from run_config.json (a
+    flag that differs from it is still refused)."""
+    out = tmp_path / "run"
+    training.train(tiny_config(out, max_steps=2, save_every=1, **shared_inputs))
+    training.main(["--resume", "--out", str(out), "--max-steps", "3"])
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    stored = json.loads((out / "run_config.json").read_text())
+    assert stored["lr"] == 5e-3 and stored["max_steps"] == 3 and stored["micro_batch"] == 4
+    with pytest.raises(SystemExit):
+        training.main(["--resume", "--out", str(out), "--max-steps", "4", "--micro-batch", "8"])
+
+
 def test_resume_survives_a_torn_log_a_damaged_pointer_and_a_damaged_newest_checkpoint(tmp_path, shared_inputs,
                                                                                       caplog):
     out = tmp_path / "run"
