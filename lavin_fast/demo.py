@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,15 +30,24 @@ from lavin_fast.train import TrainConfig, build_collator, build_model, train
 log = logging.getLogger("lavin_fast.demo")
 
 
-def run_demo(out: str | Path = "runs/demo", *, seed: int = 0) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """How much the demo makes and trains. The defaults are `lavin-fast demo`'s; the test suite
+    runs a smaller one that still shows the image questions answered from the picture."""
+    test_questions: int = 200
+    epochs: int = 5
+
+
+def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, size: DemoSize = DemoSize()) -> dict:
     """Run the demo into `out`; returns the summary it also writes to out/summary.json."""
     out = Path(out)
     started = time.perf_counter()
-    sizes = {"train": 1280, "val": 64, "test": 200}
+    # The test split comes last: its size leaves the training questions (and so the backbones) as they are.
+    sizes = {"train": 1280, "val": 64, "test": size.test_questions}
     data_root = tiny.fake_scienceqa(out / "data", sizes, seed=seed)
     paths = tiny.tiny_backbones(out / "backbones", data_root, seed=seed, pretrain_steps=200)
     cfg = TrainConfig(preset="tiny", data_root=str(data_root), out=str(out / "run"), seed=seed,
-                      epochs=5, effective_batch=32, micro_batch=32, lr=1e-2,
+                      epochs=size.epochs, effective_batch=32, micro_batch=32, lr=1e-2,
                       warmup_epochs=1, dtype="fp32", overwrite=True, **{k: str(v) for k, v in paths.items()})
     train(cfg)
 
