@@ -105,7 +105,7 @@ def measure(name, params, forward, x, mode, quick):
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    args = harness.parse_args(__doc__.splitlines()[0])
     dev = harness.device()
     quick = args.quick or dev.type == "cpu"
     shapes = QUICK_SHAPES if quick else FULL_SHAPES

@@ -77,7 +77,7 @@ def measure(params, forward, x, mode, quick):
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    args = harness.parse_args(__doc__.splitlines()[0])
     dev = harness.device()
     quick = args.quick or dev.type == "cpu"
     dtypes = ["fp32"] if dev.type == "cpu" else args.dtypes.split(",")

@@ -152,7 +152,7 @@ def measure(model: LaVIN, batch: Batch, steps: int, warmup: int) -> dict[str, fl
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.device()
     quick = args.quick or device.type == "cpu"
     preset, batch_size, length = ("tiny", 2, 64) if quick else ("7b", 4, 512)

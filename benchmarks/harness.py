@@ -25,15 +25,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from lavin_fast.io import atomic_write, atomic_write_text  # noqa: E402
 
 
-def parse_args(description: str, default_out: str) -> argparse.Namespace:
+# Results go next to the scripts, wherever they are run from.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on any device: proves the script runs")
-    parser.add_argument("--out", default=default_out, help="folder for the CSV, markdown and PNG")
+    parser.add_argument("--out", default=str(RESULTS), help=f"folder for the CSV, markdown and PNG (default {RESULTS})")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
     return parser.parse_args()
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtypes(names: str) -> list[torch.dtype]:
+    """'bf16,fp32' -> [torch.bfloat16, torch.float32]; an unknown name is a clear error."""
+    unknown = [n for n in names.split(",") if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names.split(",")]
 
 
 def device() -> torch.device:
@@ -105,11 +117,14 @@ def _markdown(rows: Sequence[dict], meta: dict[str, str], title: str) -> str:
 
 
 def write_results(rows: Sequence[dict], out: str | Path, name: str, title: str,
-                  plot: Callable[[dict[str, str]], object] | None = None) -> dict[str, str]:
+                  plot: Callable[[dict[str, str]], object] | None = None, device: str | None = None) -> dict[str, str]:
     """Write out/name.csv, out/name.md (with the environment on top) and, with `plot` (the
-    environment -> a matplotlib figure), out/name.png."""
+    environment -> a matplotlib figure), out/name.png. `device` replaces the measured device's
+    name (an offline compile names its target)."""
     out = Path(out)
     meta = environment()
+    if device is not None:
+        meta["device"] = device
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(meta) + list(rows[0]))
     writer.writeheader()
