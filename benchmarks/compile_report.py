@@ -94,7 +94,6 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,7 +445,7 @@ def report(arch: Arch, dtypes: list[torch.dtype], cases: list[Case] = CASES) -> 
             with stand_in_gpu(arch) as launches:
                 first_bwd = _call(case, dtype, launches, counter)
             if not launches:
-                raise RuntimeError(f"compile_report: {case.label} ({DTYPE_NAMES[dtype]}) launched no Triton kernel: "
+                raise RuntimeError(f"compile_report: {case.label} ({harness.DTYPE_NAMES[dtype]}) launched no Triton kernel: "
                                    "is LAVIN_FAST_BACKEND honoured, or TRITON_INTERPRET set?")
             directions = ["fwd"] + (["bwd"] if case.phase == "train" else [])
             floor = sum(floor_bytes(case, dtype, d) for d in directions)
@@ -454,12 +453,13 @@ def report(arch: Arch, dtypes: list[torch.dtype], cases: list[Case] = CASES) -> 
             batch = case.shape[0]
             rows_m = batch * case.shape[1]
             for i, launch in enumerate(launches):
-                rows.append(dict(arch=arch.gpu_name, case=case.name, phase=case.phase, dtype=DTYPE_NAMES[dtype],
+                rows.append(dict(arch=arch.gpu_name, case=case.name, phase=case.phase, dtype=harness.DTYPE_NAMES[dtype],
                                  M=rows_m, d=case.shape[2], direction="bwd" if i >= first_bwd else "fwd",
                                  **describe(launch, arch),
-                                 call_HBM_MB=round(modelled / 1e6, 3), floor_MB=round(floor / 1e6, 3),
+                                 torch_ops_MB=round(counter.bytes / 1e6, 3), call_HBM_MB=round(modelled / 1e6, 3),
+                                 floor_MB=round(floor / 1e6, 3),
                                  HBM_over_floor=round(modelled / floor, 3)))
-            print(f"{arch.gpu_name} {DTYPE_NAMES[dtype]} {case.name} {case.phase}: {len(launches)} launches",
+            print(f"{arch.gpu_name} {harness.DTYPE_NAMES[dtype]} {case.name} {case.phase}: {len(launches)} launches",
                   file=sys.stderr)
     return rows
 
