@@ -16,8 +16,9 @@ Triton itself uses (`ptxas -v`, same flags), dynamic shared memory from the comp
 the buffers of each pipelined load from the TTGIR (`ttg.local_alloc` of N x tile for
 `async_copy_global_to_local`; a plain `tt.load` in a loop has none), blocks per SM (registers
 65,536, warps 64, shared memory 228 KB sm_90 / 164 KB sm_80, 32 blocks), and two models:
-- bytes in flight per SM: blocks/SM x sum over the streaming loads in loops (loads from the
-  launch's largest tensors: the activations) of tile bytes x max(1, buffers);
+- bytes in flight per SM: blocks/SM x the bytes of the streaming loads in loops (loads from the
+  launch's largest loaded tensors: activations, or weights where those dominate), a pipelined
+  load counting tile x buffers, a plain load one tile;
 - HBM bytes per call: every tensor a launch touches read or written once (re-reads within a
   launch hit L2; a tensor touched by two launches is counted twice), plus the bytes in and out of
   every other torch op of the call (weight reshapes, partial sums, casts), against the floor:
@@ -313,6 +314,7 @@ class Load:
     element_bytes: int
     buffers: int              # shared-memory buffers (pipelined); 0: a plain load into registers
     in_loop: bool
+    alloc: str | None = None  # the buffers' ttg.local_alloc (the pipeliner's prologue copies share it)
 
     @property
     def tile_bytes(self) -> int:
@@ -373,12 +375,13 @@ def ttgir_loads(ttgir: str) -> list[Load]:
         else:
             scalar = re.search(r"!tt\.ptr<(\w+)>", rest)
             tile, element = (), scalar.group(1) if scalar else "i8"
-        buffers = 0
+        buffers, alloc = 0, None
         if op == "ttg.async_copy_global_to_local":
             alloc = root(operands[1], set(alloc_buffers))
             buffers = alloc_buffers.get(alloc, 1)
         arg = root(operands[0], args)
-        result.append(Load(arg.lstrip("%") if arg else None, tile, _TYPE_BYTES.get(element, 4), buffers, in_loop))
+        result.append(Load(arg.lstrip("%") if arg else None, tile, _TYPE_BYTES.get(element, 4), buffers, in_loop,
+                           alloc))
     return result
 
 
@@ -421,7 +424,10 @@ def describe(launch: Launch, arch: Arch) -> dict:
     smem = compiled.metadata.shared + stats["static_smem"]
     blocks, limiter = blocks_per_sm(stats["registers"], warps, smem, arch)
     streams = streaming_loads(ttgir_loads(compiled.asm["ttgir"]), _tensor_args(launch))
-    in_flight = blocks * sum(load.tile_bytes * max(1, load.buffers) for load in streams)
+    # A pipelined stream keeps all its buffers in flight (counted once per allocation, however
+    # many copies fill it); a plain load one tile.
+    per_alloc = {load.alloc: load.tile_bytes * load.buffers for load in streams if load.alloc}
+    in_flight = blocks * (sum(per_alloc.values()) + sum(load.tile_bytes for load in streams if not load.alloc))
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     return dict(kernel=launch.kernel.strip("_"), grid="x".join(str(g) for g in launch.grid if g > 1) or "1",
                 programs=programs, waves=round(programs / (arch.sms * max(blocks, 1)), 2), warps=warps,

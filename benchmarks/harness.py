@@ -30,11 +30,15 @@ from lavin_fast.io import atomic_write, atomic_write_text  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, dtypes: str = "bf16,fp16",
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The flags every benchmark takes (--quick, --out, --dtypes), plus those `extra` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on any device: proves the script runs")
     parser.add_argument("--out", default=str(RESULTS), help=f"folder for the CSV, markdown and PNG (default {RESULTS})")
-    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--dtypes", default=dtypes, help=f"comma-separated: bf16, fp16, fp32 (default {dtypes})")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 

@@ -16,7 +16,6 @@ stopped by its time budget (or killed) keeps what it found.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
@@ -141,12 +140,8 @@ def launch_cost(kernels, shape, dtype, device, quick: bool) -> Callable[[Config]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shape on any device: proves the script runs")
-    parser.add_argument("--out", default=str(harness.RESULTS), help="folder for the CSV and the JSON table")
-    parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32")
-    parser.add_argument("--budget-s", type=float, default=80.0, help="stop searching after this many seconds")
-    args = parser.parse_args()
+    args = harness.parse_args(__doc__.splitlines()[0], dtypes="bf16", extra=lambda parser: parser.add_argument(
+        "--budget-s", type=float, default=80.0, help="stop searching after this many seconds"))
     start_time = time.monotonic()
     from lavin_fast.kernels import mm_adapter as kernels
 
