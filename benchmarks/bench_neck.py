@@ -11,7 +11,7 @@ At LaVIN's shapes (M = 6 CLS tokens x batch, 1024 -> 128 -> d) the weights domin
 the floor is reading x, the weights and biases once and writing y (forward); reading dy, x and
 the weights and writing dx and the weight gradients (backward).
 
-    python benchmarks/bench_neck.py [--quick] [--out benchmarks/results] [--dtypes bf16,fp16]
+    python benchmarks/bench_neck.py [--quick] [--out DIR] [--dtypes bf16,fp16]
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ def measure(params, forward, x, mode, quick):
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    args = harness.parse_args(__doc__.splitlines()[0])
     dev = harness.device()
     quick = args.quick or dev.type == "cpu"
     dtypes = ["fp32"] if dev.type == "cpu" else args.dtypes.split(",")
     copy_gbs = harness.copy_bandwidth_gbs(2**28 if not quick else 2**20, quick)
-    rows = []
+    log = harness.RowLog(args.out, "neck" + ("_quick" if quick else ""))
     for dtype_name in dtypes:
         for activation in ("silu", "swiglu"):
             for model, batch, d_in, hidden, d_out in (QUICK_SHAPES if quick else FULL_SHAPES):
@@ -91,39 +91,36 @@ def main() -> None:
                     for mode in ("fwd", "bwd", "fwdbwd"):
                         ms, peak = measure(params, forward, x, mode, quick)
                         gbs = floor_bytes(mode, x, weights, d_out) / ms / 1e6
-                        rows.append(dict(model=model, B=batch, M=6 * batch, d_out=d_out, activation=activation,
-                                         dtype=dtype_name, provider=name, mode=mode, ms=ms, GBps=gbs,
-                                         frac_copy_bw=gbs / copy_gbs, peak_MiB=peak))
+                        log.add(dict(model=model, B=batch, M=6 * batch, d_out=d_out, activation=activation,
+                                     dtype=dtype_name, provider=name, mode=mode, ms=ms, GBps=gbs,
+                                     frac_copy_bw=gbs / copy_gbs, peak_MiB=peak))
                         print(f"{model} B={batch} {activation} {dtype_name} {name:10s} {mode:6s} {ms:9.4f} ms",
                               file=sys.stderr)
-    for row in rows:
-        base = next(r for r in rows if r["provider"] == "eager" and all(
+    for row in log.rows:
+        base = next(r for r in log.rows if r["provider"] == "eager" and all(
             r[k] == row[k] for k in ("model", "B", "activation", "dtype", "mode")))
         row["speedup_vs_eager"] = base["ms"] / row["ms"]
     title = f"Visual neck (6 CLS taps x B, 1024 -> 128 -> d); copy bandwidth {copy_gbs:.0f} GB/s"
-    harness.write_results(rows, args.out, "neck" + ("_quick" if quick else ""), title,
-                          plot=lambda meta: plot(rows, meta))
+    log.finish(title, plot=lambda meta: plot(log.rows, meta))
 
 
 def plot(rows, meta):
     import matplotlib.pyplot as plt
 
     combos = sorted({(r["dtype"], r["activation"]) for r in rows})
-    fig, axes = plt.subplots(len(combos), 3, figsize=(15, 3.4 * len(combos)), squeeze=False)
+    colors = harness.series_colors([r["provider"] for r in rows])
+    fig, axes = plt.subplots(len(combos), 3, figsize=(15, 3.4 * len(combos) + 0.6), squeeze=False)
     for i, (dtype, activation) in enumerate(combos):
         for j, mode in enumerate(("fwd", "bwd", "fwdbwd")):
-            ax = axes[i][j]
-            for prov in dict.fromkeys(r["provider"] for r in rows):
-                sel = [r for r in rows if (r["dtype"], r["activation"], r["mode"], r["provider"]) ==
-                       (dtype, activation, mode, prov)]
-                ax.plot([f"{r['model']} B={r['B']}" for r in sel], [r["ms"] * 1e3 for r in sel], marker="o", label=prov)
-            ax.set_yscale("log")
-            ax.set_ylabel("time (us)")
-            ax.set_title(f"{mode}, {activation}, {dtype}")
-            ax.tick_params(axis="x", labelsize=7, rotation=30)
-    axes[0][0].legend(fontsize=7)
+            sel = [r for r in rows if (r["dtype"], r["activation"], r["mode"]) == (dtype, activation, mode)]
+            groups = list(dict.fromkeys((r["model"], r["B"]) for r in sel))
+            series = {prov: [next((r["ms"] * 1e3 for r in sel if r["provider"] == prov and (r["model"], r["B"]) == g),
+                                  None) for g in groups] for prov in colors}
+            harness.grouped_bars(axes[i][j], [f"{m}\nB={b}" for m, b in groups], series, "time (us)", colors)
+            axes[i][j].set_title(f"{mode}, {activation}, {dtype}")
+    harness.figure_legend(fig, axes.flat)
     fig.suptitle(f"Visual neck on {meta['device']} ({meta['date']}, {meta['commit']})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 

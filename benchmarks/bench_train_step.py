@@ -15,7 +15,7 @@ bf16 peak.
 Step-time split: `forward` (loss), `backward`, `optimizer` (AdamW over the 3.8M trainable
 parameters), each timed with CUDA events over the same steps.
 
-    python benchmarks/bench_train_step.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_train_step.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def measure(model: LaVIN, batch: Batch, steps: int, warmup: int) -> dict[str, fl
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
+    args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.device()
     quick = args.quick or device.type == "cpu"
     preset, batch_size, length = ("tiny", 2, 64) if quick else ("7b", 4, 512)
@@ -163,7 +163,7 @@ def main() -> None:
     flops = model_flops(model, batch)
     peak = peak_flops()
     attention_backends = ["sdpa"] + (["flash"] if attention.flash_attn_func is not None and device.type == "cuda" else [])
-    rows = []
+    log = harness.RowLog(args.out, "train_step" + ("_quick" if quick else ""))
     for backend in ("triton", "torch"):
         if backend == "triton" and device.type == "cpu":
             continue                       # the interpreter's speed says nothing about the kernels
@@ -173,16 +173,15 @@ def main() -> None:
                 with environment(LAVIN_FAST_BACKEND=backend, LAVIN_FAST_ATTENTION=attn):
                     result = measure(model, batch, steps, warmup)
                 tokens_per_s = batch.tokens.numel() / (result["step_ms"] / 1e3)
-                rows.append(dict(preset=preset, batch=batch_size, seq=length, dtype=str(dtype).split(".")[-1],
+                log.add(dict(preset=preset, batch=batch_size, seq=length, dtype=str(dtype).split(".")[-1],
                                  kernels=backend, checkpointing=checkpointing, attention=attn, **result,
                                  tokens_per_s=tokens_per_s,
                                  TFLOPs=flops / (result["step_ms"] / 1e3) / 1e12,
                                  MFU=(flops / (result["step_ms"] / 1e3) / peak) if peak else None))
-                print(rows[-1], file=sys.stderr)
+                print(log.rows[-1], file=sys.stderr)
     title = (f"LaVIN training step ({preset}, batch {batch_size} x {length}); "
              f"{flops / 1e9:.4g} GFLOP per step at a frozen backbone")
-    harness.write_results(rows, args.out, "train_step" + ("_quick" if quick else ""), title,
-                          plot=lambda meta: plot(rows, meta))
+    log.finish(title, plot=lambda meta: plot(log.rows, meta))
 
 
 def plot(rows, meta):

@@ -11,6 +11,7 @@ import argparse
 import csv
 import datetime
 import io
+import os
 import platform
 import statistics
 import subprocess
@@ -25,15 +26,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from lavin_fast.io import atomic_write, atomic_write_text  # noqa: E402
 
 
-def parse_args(description: str, default_out: str) -> argparse.Namespace:
+# Results go next to the scripts, wherever they are run from.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, dtypes: str = "bf16,fp16",
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The flags every benchmark takes (--quick, --out, --dtypes), plus those `extra` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on any device: proves the script runs")
-    parser.add_argument("--out", default=default_out, help="folder for the CSV, markdown and PNG")
-    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--out", default=str(RESULTS), help=f"folder for the CSV, markdown and PNG (default {RESULTS})")
+    parser.add_argument("--dtypes", default=dtypes, help=f"comma-separated: bf16, fp16, fp32 (default {dtypes})")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def parse_dtypes(names: str) -> list[torch.dtype]:
+    """'bf16,fp32' -> [torch.bfloat16, torch.float32]; an unknown name is a clear error."""
+    unknown = [n for n in names.split(",") if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names.split(",")]
 
 
 def device() -> torch.device:
@@ -45,11 +63,13 @@ def environment() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        # Results being regenerated do not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/results"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
         commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (a GPU machine's)
+        commit = os.environ.get("LAVIN_FAST_COMMIT", "unknown")
     try:
         import triton
         triton_version = triton.__version__
@@ -105,11 +125,16 @@ def _markdown(rows: Sequence[dict], meta: dict[str, str], title: str) -> str:
 
 
 def write_results(rows: Sequence[dict], out: str | Path, name: str, title: str,
-                  plot: Callable[[dict[str, str]], object] | None = None) -> dict[str, str]:
+                  plot: Callable[[dict[str, str]], object] | None = None, device: str | None = None,
+                  meta: dict[str, str] | None = None) -> dict[str, str]:
     """Write out/name.csv, out/name.md (with the environment on top) and, with `plot` (the
-    environment -> a matplotlib figure), out/name.png."""
+    environment -> a matplotlib figure), out/name.png. `device` replaces the measured device's
+    name (an offline compile names its target); `meta` is the environment taken earlier (a
+    `RowLog`'s)."""
     out = Path(out)
-    meta = environment()
+    meta = dict(meta or environment())
+    if device is not None:
+        meta["device"] = device
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(meta) + list(rows[0]))
     writer.writeheader()
@@ -126,3 +151,70 @@ def write_results(rows: Sequence[dict], out: str | Path, name: str, title: str,
         plt.close(fig)
     print(_markdown(rows, meta, title))
     return meta
+
+
+class RowLog:
+    """Result rows written to out/name.csv the moment each is measured (appended, flushed and
+    synced one by one), so a run killed at any point keeps every row it finished; `finish` then
+    rewrites the CSV whole (atomically, with columns computed at the end) with the markdown and
+    the plot. Rows must share their columns."""
+
+    def __init__(self, out: str | Path, name: str) -> None:
+        self.out, self.name = Path(out), name
+        self.meta = environment()
+        self.rows: list[dict] = []
+        self._file = None
+        self._writer: csv.DictWriter | None = None
+
+    def add(self, row: dict) -> None:
+        if self._writer is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.out / f"{self.name}.csv", "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=list(self.meta) + list(row))
+            self._writer.writeheader()
+        self._writer.writerow({**self.meta, **row})
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.rows.append(row)
+
+    def finish(self, title: str, plot: Callable[[dict[str, str]], object] | None = None) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self.rows:
+            write_results(self.rows, self.out, self.name, title, plot, meta=self.meta)
+
+
+def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float | None]], ylabel: str,
+                 colors: dict[str, str], log: bool = True) -> None:
+    """One bar per (group, series) on `ax`, each series in its colour of `colors` (the same in
+    every panel), a log axis by default: benchmark values span decades (a decode call against a
+    13B batch, an interpreter against a GPU), and on a linear axis the small ones vanish. None
+    values leave a gap."""
+    width = 0.8 / max(1, len(series))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [g + (k - (len(series) - 1) / 2) * width for g, v in enumerate(values) if v is not None]
+        ax.bar(xs, [v for v in values if v is not None], width, label=label, color=colors[label])
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    if log:
+        ax.set_yscale("log")
+        smallest = min((v for values in series.values() for v in values if v is not None and v > 0), default=None)
+        if smallest is not None:      # a decade of room under the smallest bar, so it shows
+            ax.set_ylim(bottom=smallest / 10)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", which="major", alpha=0.3)
+
+
+def series_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per series label, in order of first appearance."""
+    palette = [f"C{i}" for i in range(10)]
+    return {label: palette[i % len(palette)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def figure_legend(fig, axes) -> None:
+    """One legend for the whole figure, below the panels (never over a bar)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(8, len(handles)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))

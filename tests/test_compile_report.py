@@ -1,0 +1,96 @@
+"""The offline compile report (benchmarks/compile_report.py) for an A100 (sm_80) and an H100/H200
+(sm_90): the kernels the public modules launch at LaVIN-7B training shapes (adapter at micro-batch
+4 x 512, d = 4096; neck at M = 24) compile in every dtype, spill nothing, and the launches that move
+the activations fill at least one wave and stream through multi-buffered loads (ENGINEERING.md,
+"Compiling for a GPU without one"). No GPU is needed; ptxas comes with the triton wheel."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+CASES = ("7B adapter train", "7B neck train")
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _ptxas_missing(capability: int) -> str | None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import compile_report
+    except Exception as error:  # triton missing or without its nvidia backend
+        return f"compile_report cannot be imported: {error}"
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    arch = compile_report.ARCHS[capability]
+    if compile_report.ptxas_path(arch) is None:
+        return f"the triton wheel has no bundled ptxas for {arch.gpu_name} (triton/backends/nvidia/bin)"
+    return None
+
+
+@pytest.fixture(scope="module", params=[80, 90], ids=["sm80", "sm90"])
+def report(request, tmp_path_factory):
+    capability = request.param
+    reason = _ptxas_missing(capability)
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp(f"sm{capability}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LAVIN_FAST_BACKEND")}
+    command = [sys.executable, "compile_report.py", "--arch", str(capability), "--dtypes", ",".join(DTYPES),
+               "--out", str(out)]
+    for case in CASES:
+        command += ["--case", case]
+    done = subprocess.run(command, cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"a kernel failed to compile or the report broke:\n{done.stderr[-4000:]}"
+    with open(out / f"compile_report_sm{capability}.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    sms = {80: 108, 90: 132}[capability]
+    return capability, sms, rows
+
+
+def _main_adapter_launches(rows, dtype):
+    """The 7B adapter's launches that read or write at least one activation-sized tensor."""
+    activation_mb = 4 * 512 * 4096 * {"bf16": 2, "fp16": 2, "fp32": 4}[dtype] / 1e6
+    return [r for r in rows if r["case"] == "7B adapter" and r["dtype"] == dtype
+            and float(r["launch_MB"]) >= activation_mb]
+
+
+def test_every_expected_kernel_compiled_with_its_numbers(report):
+    capability, _, rows = report
+    for case in CASES:
+        name, _, phase = case.rpartition(" ")
+        for dtype in DTYPES:
+            found = [r for r in rows if r["case"] == name and r["phase"] == phase and r["dtype"] == dtype]
+            directions = {r["direction"] for r in found}
+            assert directions == {"fwd", "bwd"}, f"sm_{capability} {case} {dtype}: launches {found}"
+            for row in found:
+                assert int(row["registers"]) > 0 and int(row["warps"]) > 0 and int(row["programs"]) > 0, row
+                assert row["device"].startswith("offline compile") and row["commit"] and row["triton"], row
+        main = _main_adapter_launches(rows, "bf16")
+        assert {r["direction"] for r in main} == {"fwd", "bwd"}, main
+
+
+def test_no_kernel_spills_registers(report):
+    capability, _, rows = report
+    spilling = [(r["case"], r["dtype"], r["kernel"], r["spill_bytes"]) for r in rows if int(r["spill_bytes"])]
+    assert not spilling, f"sm_{capability}: kernels that spill (case, dtype, kernel, bytes): {spilling}"
+
+
+def test_main_adapter_launches_fill_a_wave(report):
+    capability, sms, rows = report
+    short = [(r["dtype"], r["kernel"], r["grid"]) for dtype in DTYPES
+             for r in _main_adapter_launches(rows, dtype) if int(r["programs"]) < sms]
+    assert not short, f"sm_{capability}: 7B micro-batch-4 launches with fewer programs than {sms} SMs: {short}"
+
+
+def test_main_adapter_launches_stream_through_multiple_buffers(report):
+    capability, _, rows = report
+    single = [(r["dtype"], r["kernel"], r["stages"], r["streams"]) for dtype in DTYPES
+              for r in _main_adapter_launches(rows, dtype)
+              if int(r["stages"]) < 3 or not r["stream_buffers"] or int(r["stream_buffers"]) < 2]
+    assert not single, (f"sm_{capability}: launches whose activation loads are not multi-buffered "
+                        f"(dtype, kernel, num_stages, streams as tensor:tile/buffers): {single}")
