@@ -70,12 +70,12 @@ def providers(x, routing, conv, dense):
     """name -> (inputs that require grad, forward closure)."""
     lowp_conv = {k: v.to(x.dtype).requires_grad_() for k, v in conv.items()}
     lowp_dense = {k: v.to(x.dtype).requires_grad_() for k, v in dense.items()}
-    master = {k: v.clone().requires_grad_() for k, v in dense.items()}
+    master = {k: v.clone().requires_grad_() for k, v in conv.items()}
     routing_g = routing.clone().requires_grad_()
     out = {
         "lavin_fast": ([*master.values()], lambda xx: fused(
-            xx, routing_g, master["down_weight"], master["down_bias"], master["up_weight"],
-            master["up_bias"], SCALE, 0.0, 0)),
+            xx, master["conv_a"].squeeze(-1), master["bias_a"], master["conv_b"].squeeze(-1), master["bias_b"],
+            master["conv_d"].squeeze(-1), master["bias_d"], routing_g, None, SCALE)),
         "reference_conv": ([*lowp_conv.values()], lambda xx: reference_conv(xx, routing_g.to(x.dtype), **lowp_conv)),
         "eager_addmm": ([*lowp_dense.values()], lambda xx: reference.mm_adapter(
             xx, routing_g, lowp_dense["down_weight"], lowp_dense["down_bias"], lowp_dense["up_weight"],
