@@ -48,13 +48,13 @@ mask the kernels use, for tests).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
 from lavin_fast.ops import KERNEL_DTYPES
 
@@ -64,28 +64,36 @@ from lavin_fast.ops import KERNEL_DTYPES
 # sweep overrides any key through the launch functions' `config=`.
 #   block_m        rows per step of the row-streaming kernels (_down, _dhw; >= 16 for tl.dot)
 #   block_slice    d columns per program of _down / _dhw (its weight slice stays in registers)
-#   block_m_cols   rows per step of _up / _cols
-#   block_d_cols   d columns per program of _up / _cols
+#   block_m_up, block_d_up, num_warps_up        rows per step, columns per program, warps of _up
+#   block_m_cols, block_d_cols, num_warps_cols  the same for _cols
 #   block_rows     rows per program of the row-wise kernels (_hidden, _dh)
 #   block_reduce   elements per program of _reduce
-#   num_warps, num_stages   of the streaming kernels (num_stages >= 3: loads multi-buffered)
-#   waves          programs to aim for, in multiples of the SM count
+#   num_warps      of _down / _dhw
+#   num_stages     of the streaming kernels (>= 3: their loads multi-buffered)
+#   waves          programs to aim for, in multiples of the SM count (_cols: one wave)
 #   chunk_bytes    rows per chunk: x (dy) of a chunk at most this many bytes (the L2 re-read set)
 #   sms            SM count assumed where no device can be asked (offline compiles)
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
-_GPU = dict(block_m=16, block_slice=256, block_m_cols=32, block_d_cols=128, block_rows=64,
-            block_reduce=1024, num_warps=4, num_stages=3, waves=2)
+# Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
+# accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
+# 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice.
+_GPU = dict(block_m=16, block_slice=256, block_m_up=32, block_d_up=128, num_warps_up=8, block_rows=64,
+            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
+_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32),
+                  float16=dict(block_m_cols=16, block_d_cols=64, block_slice=128),
+                  bfloat16=dict(block_m_cols=16, block_d_cols=64))
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
-    **{("sm90", dtype): dict(_GPU, chunk_bytes=16 << 20, sms=132, dot16=dtype != "float32")
-       for dtype in ("float32", "float16", "bfloat16")},
-    **{("sm80", dtype): dict(_GPU, chunk_bytes=12 << 20, sms=108, dot16=dtype != "float32")
-       for dtype in ("float32", "float16", "bfloat16")},
+    **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=16 << 20, sms=132, dot16=dtype != "float32")
+       for dtype, own in _PER_DTYPE.items()},
+    **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=12 << 20, sms=108, dot16=dtype != "float32")
+       for dtype, own in _PER_DTYPE.items()},
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
-    **{("interpreter", dtype): dict(block_m=16, block_slice=64, block_m_cols=16, block_d_cols=64,
-                                    block_rows=32, block_reduce=1024, num_warps=4, num_stages=3,
-                                    waves=1, chunk_bytes=128 << 10, sms=4, dot16=dtype != "float32")
-       for dtype in ("float32", "float16", "bfloat16")},
+    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_m_up=16, block_d_up=128, num_warps_up=4,
+                                    block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024, num_warps=4,
+                                    num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
+                                    dot16=dtype != "float32")
+       for dtype in _PER_DTYPE},
 }
 
 
@@ -199,41 +207,48 @@ def _hidden_kernel(part_ptr, a_b_ptr, hd_ptr, row0, row1, M, R, SLICES, p, seed_
 @triton.jit
 def _up_kernel(
     x_ptr, w_ptr, index_ptr, hd_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, y_ptr,
-    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS,
+    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP,
     stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we, scale,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
     DOT16: tl.constexpr,
 ):
-    """Forward 3 of 3, grid (row blocks of the chunk, column blocks): one [BLOCK_M, BLOCK_D]
-    tile of y = x + s (hw U^T + w_0 u_0 + w_1 u_1), hw = [w_0 hd, w_1 hd] gathered from hd,
-    the up-projections read grouped. x is read the second time (evict_first: the chunk's
-    last use). y [M, d] contiguous.
+    """Forward 3 of 3, grid (column blocks, row groups of the chunk): a program loads the grouped
+    up-projections and biases of its BLOCK_D columns once and streams BLOCKS_PER_GROUP row blocks:
+    y = x + s (hw U^T + w_0 u_0 + w_1 u_1), hw = [w_0 hd, w_1 hd] gathered from hd. x is read
+    the second time (evict_first: the chunk's last use). y [M, d] contiguous.
 
-    HBM bytes per chunk: y written (Mc d e); x read again from L2 (Mc d e); grouped weights and
-    biases from L2 (8 (2 r/g + 2) d per row block), hd from L2 (8 Mc r per column block)."""
+    HBM bytes per chunk: y written (Mc d e); x read again from L2 (Mc d e); the grouped weights
+    and biases from L2 once per row group (8 (r/g + 1) d G), hd from L2 (8 Mc r per column
+    block)."""
     scale = tl.cast(scale, tl.float32)
-    rows = row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row1
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = c < D
     k = tl.arange(0, K_PAD)
     expert, unit = k // R, k % R
-    _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
-                            stride_wr, stride_we, HAS_INDEX)
-    hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :], other=0.0)
-    hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])               # [BLOCK_M, K_PAD]
     u_t = _grouped_up(b_w_ptr, d_w_ptr, c, c_ok, D_GROUP, R_GROUP, R, K_PAD)          # [K_PAD, BLOCK_D]
     if DOT16:
-        up = tl.dot(hw.to(x_ptr.dtype.element_ty), u_t.to(x_ptr.dtype.element_ty))
-    else:
-        up = tl.dot(hw, u_t, input_precision="ieee")
+        u_t = u_t.to(x_ptr.dtype.element_ty)
     u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    tile_ok = row_ok[:, None] & c_ok[None, :]
-    x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
-                mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    y = x + scale * (up + w0[:, None] * u0[None, :] + w1[:, None] * u1[None, :])
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
+    last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
+                                stride_wr, stride_we, HAS_INDEX)
+        hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
+                     other=0.0)
+        hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])           # [BLOCK_M, K_PAD]
+        if DOT16:
+            up = tl.dot(hw.to(x_ptr.dtype.element_ty), u_t)
+        else:
+            up = tl.dot(hw, u_t, input_precision="ieee")
+        tile_ok = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
+                    mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        y = x + scale * (up + w0[:, None] * u0[None, :] + w1[:, None] * u1[None, :])
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -443,39 +458,13 @@ def _seed_tensor(seed: int | Tensor | None, device: torch.device) -> Tensor:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _arch(device: torch.device) -> str:
-    """"sm90" / "sm80" for a CUDA device or an active GPU target (an offline compile installs a
-    stand-in driver), "interpreter" otherwise."""
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "sm90" if major >= 9 else "sm80"
-    try:
-        target = triton.runtime.driver.active.get_current_target()
-    except Exception:  # no GPU driver: Triton's interpreter
-        return "interpreter"
-    return ("sm90" if target.arch >= 90 else "sm80") if target.backend == "cuda" else "interpreter"
-
-
 def launch_config(x: Tensor, config: dict | None = None) -> dict:
     """The block sizes for x's device and dtype (`BLOCK_CONFIGS`), with `config`'s keys on top."""
-    base = BLOCK_CONFIGS[(_arch(x.device), str(x.dtype).removeprefix("torch."))]
+    base = BLOCK_CONFIGS[(_target.arch(x.device), str(x.dtype).removeprefix("torch."))]
     unknown = set(config or {}) - set(base)
     if unknown:
         raise ValueError(f"mm_adapter kernel: unknown config keys {sorted(unknown)}; known: {sorted(base)}")
     return {**base, **(config or {})}
-
-
-@functools.cache
-def _device_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sms(device: torch.device, config: dict) -> int:
-    return _device_sms(device.index or 0) if device.type == "cuda" else config["sms"]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -488,27 +477,29 @@ def _pads(hidden: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(hidden)), max(16, triton.next_power_of_2(2 * hidden))
 
 
-def _slices(dim: int, row_blocks: int, config: dict, target: int) -> int:
+def _slices(dim: int, row_blocks: int, config: dict, programs: int) -> int:
     """d slice width of `_down_kernel` / `_dhw_kernel`: the table's, halved (down to 64) while
-    the row blocks are too few to fill `target` programs: the decode path splits d."""
+    the row blocks are too few to fill `programs` programs: the decode path splits d."""
     width = config["block_slice"]
-    while width > 64 and triton.cdiv(dim, width) * row_blocks < target:
+    while width > 64 and triton.cdiv(dim, width) * row_blocks < programs:
         width //= 2
     return width
 
 
-def _groups(blocks: int, programs_per_group_axis: int, target: int) -> tuple[int, int]:
+def _groups(blocks: int, other_axis: int, programs: int) -> tuple[int, int]:
     """(groups, blocks per group): `blocks` row blocks split so that groups x the other grid
-    axis reaches `target` programs, no group empty."""
-    per_group = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(target, programs_per_group_axis))))
+    axis (of size other_axis) reaches `programs` programs, no group empty."""
+    per_group = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(programs, other_axis))))
     return triton.cdiv(blocks, per_group), per_group
 
 
 def _chunks(rows: int, dim: int, element_size: int, config: dict) -> list[tuple[int, int]]:
-    """Row ranges [row0, row1) whose x (or dy) holds at most config["chunk_bytes"] bytes, in
-    whole blocks of every kernel: the set re-read from L2."""
-    align = max(config["block_m"], config["block_m_cols"], config["block_rows"])
-    size = max(align, config["chunk_bytes"] // (dim * element_size) // align * align)
+    """Row ranges [row0, row1) whose x (or dy) holds at most config["chunk_bytes"] bytes (the
+    set re-read from L2), of about equal size (no small last chunk with a small grid), in whole
+    blocks of every kernel."""
+    align = max(config["block_m"], config["block_m_up"], config["block_m_cols"], config["block_rows"])
+    most = max(align, config["chunk_bytes"] // (dim * element_size) // align * align)
+    size = triton.cdiv(triton.cdiv(rows, triton.cdiv(rows, most)), align) * align
     return [(row0, min(row0 + size, rows)) for row0 in range(0, rows, size)]
 
 
@@ -550,7 +541,7 @@ def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor,
                              f"{routing_index.dtype} {tuple(routing_index.shape)}")
         if routing_index.device != x.device:
             raise ValueError(f"{op}: routing_index is on {routing_index.device} but x is on {x.device}")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not _target.interpreting():
         raise RuntimeError(f"{op}: tensors on {x.device} need a CUDA device or TRITON_INTERPRET=1")
     if dim == 0 or batch * tokens * (2 * hidden + 2) * triton.cdiv(dim, 64) >= 2**31:
         raise ValueError(f"{op}: need dim > 0 and batch * tokens * (2 hidden + 2) * cdiv(dim, 64) < 2**31 "
@@ -594,18 +585,19 @@ def mm_adapter_forward(
     if rows == 0:
         return y, hd
     cfg = launch_config(x, config)
-    target = cfg["waves"] * _sms(x.device, cfg)
+    programs = cfg["waves"] * _target.sm_count(x.device, cfg["sms"])
     r_pad, k_pad = _pads(hidden)
     down_weight, down_bias = down_weight.contiguous(), down_bias.contiguous()      # no copy for parameters
     weights = [w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias)]
     index, stride_ib, stride_in = _index_args(routing, routing_index, x)
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, target)
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
     slices = triton.cdiv(dim, width)
     part = empty((slices, rows, hidden), torch.float32, x.device)
+    col_blocks = triton.cdiv(dim, cfg["block_d_up"])
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     for row0, row1 in _chunks(rows, dim, x.element_size(), cfg):
-        groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, target)
+        groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _down_kernel[(slices, groups)](
             x, down_weight, part, row0, row1, rows, tokens, dim, hidden, per_group_blocks,
             x.stride(0), x.stride(1), x.stride(2),
@@ -616,13 +608,15 @@ def mm_adapter_forward(
             part, down_bias, hd, row0, row1, rows, hidden, slices, float(dropout_p), seed_t,
             HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
         )
-        _up_kernel[(triton.cdiv(row1 - row0, cfg["block_m_cols"]), triton.cdiv(dim, cfg["block_d_cols"]))](
+        up_groups, up_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
+        _up_kernel[(col_blocks, up_groups)](
             x, routing, index, hd, *weights, y,
-            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, routing.shape[0],
+            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, routing.shape[0], up_blocks,
             x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, routing.stride(0), routing.stride(1),
             float(scale),
-            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
-            K_PAD=k_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32, **streaming,
+            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],
+            K_PAD=k_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32, num_warps=cfg["num_warps_up"],
+            num_stages=cfg["num_stages"],
         )
     return y, hd
 
@@ -660,8 +654,8 @@ def mm_adapter_backward(
         d_routing = torch.zeros(routing.shape, dtype=torch.float32, device=device)
         return (dx, d_routing, zeros[0], zeros[5], zeros[1], zeros[3], zeros[2], zeros[4])
     cfg = launch_config(x, config)
-    sms = _sms(device, cfg)
-    target = cfg["waves"] * sms
+    sms = _target.sm_count(device, cfg["sms"])
+    programs = cfg["waves"] * sms
     r_pad, k_pad = _pads(hidden)
     dot16 = cfg["dot16"] and x.dtype != torch.float32
     precision = _precision(x.dtype)
@@ -671,7 +665,7 @@ def mm_adapter_backward(
     seed_t = _seed_tensor(seed, device) if dropout_p > 0 else x                    # x: never read
     has_dropout = dropout_p > 0
     d_group = dim // (hidden // per_group)
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, target)
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
     slices = triton.cdiv(dim, width)
     col_blocks = triton.cdiv(dim, cfg["block_d_cols"])
     chunks = _chunks(rows, dim, dy.element_size(), cfg)
@@ -685,7 +679,7 @@ def mm_adapter_backward(
     routing_args = (routing.shape[0],)
     group0 = 0
     for (row0, row1), (groups, per_group_blocks) in zip(chunks, col_groups):
-        slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, target)
+        slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _dhw_kernel[(slices, slice_groups)](
             dy, b_weight, d_weight, b_bias, d_bias, part_dhw,
             row0, row1, rows, tokens, dim, hidden, d_group, per_group, slice_blocks,
@@ -704,7 +698,8 @@ def mm_adapter_backward(
             dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in,
             routing.stride(0), routing.stride(1), float(scale),
             HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
-            R_PAD=r_pad, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, **streaming,
+            R_PAD=r_pad, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, num_warps=cfg["num_warps_cols"],
+            num_stages=cfg["num_stages"],
         )
         group0 += groups
     grads = _gradient_buffers(hidden, dim, per_group, device)
