@@ -76,12 +76,13 @@ from lavin_fast.ops import KERNEL_DTYPES
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
 # accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
-# 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice.
+# 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice;
+# bf16 takes 512-wide slices (168 registers, no spills), halving the partials' bytes.
 _GPU = dict(block_m=16, block_slice=256, block_m_up=32, block_d_up=128, num_warps_up=8, block_rows=64,
             block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
 _PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32),
                   float16=dict(block_m_cols=16, block_d_cols=64, block_slice=128),
-                  bfloat16=dict(block_m_cols=16, block_d_cols=64))
+                  bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512))
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
     **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=16 << 20, sms=132, dot16=dtype != "float32")
        for dtype, own in _PER_DTYPE.items()},
@@ -572,8 +573,8 @@ def mm_adapter_forward(
     `_down_kernel`: x read once (M d e: the second read, in `_up_kernel`, hits L2 by design),
     y written (M d e), weights once (4 (r d + 2 d r/g + 2 d + r)), partials 8 S M r, hd 4 M r:
     2 M d e + 8 S M r + 4 M r + ~4 (r + 2 r/g + 2) d.
-    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=16): 33,554,432 + 2,097,152 + 65,536
-    + 294,944 = 36.0 MB against the floor 2 M d e = 33.6 MB (+7%).
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8): 33,554,432 + 1,048,576 + 65,536
+    + 294,944 = 35.0 MB against the floor 2 M d e = 33.6 MB (+4%).
     """
     batch, tokens, dim, hidden, per_group = _check(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight,
                                                    up_d_bias, routing, routing_index)
@@ -637,8 +638,8 @@ def mm_adapter_backward(
     L2 by design), x read, dx written (3 M d e); the partials of dy U (8 S M (2 r + 2)); hd, dh,
     dw (4 M (3 r + 4)); the weight-gradient partials written and summed once
     (4 (2 G + 1) (r d + 2 d r/g + 2 d + r)); the weights (4 (r + 2 r/g + 2) d):
-    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=16, G=5): 50,331,632 + 4,718,592 + 229,376
-    + 3,245,300 + 294,912 = 58.8 MB against the floor 3 M d e = 50.3 MB (+17%).
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8, G=3): 50,331,648 + 2,359,296 + 229,376
+    + 2,064,608 + 294,912 = 55.3 MB against the floor 3 M d e = 50.3 MB (+10%).
     """
     batch, tokens, dim, hidden, per_group = _check(x, down_weight, None, up_b_weight, up_b_bias, up_d_weight,
                                                    up_d_bias, routing, routing_index, dy=dy)

@@ -374,15 +374,17 @@ def visual_neck_forward(
     Returns y [..., d_out] in x's dtype and pre [..., H1] fp32 (what the backward needs).
 
     Blocks: block_m rows, block_n d_out columns, block_h hidden units, block_k d_in columns
-    (powers of two >= 16; untuned defaults, benchmarks sweep them).
+    (powers of two >= 16; untuned defaults, benchmarks sweep them); split_k: d_in splits of
+    `_fwd_pre` (None: enough for a wave of programs on a GPU, see `_pre_splits`).
 
-    HBM bytes, M rows, e = x's element size, w = the weights' (4 for fp32):
-        _fwd_pre: M d_in e + H1 d_in w + 4 H1 + 4 M H1
+    HBM bytes, M rows, e = x's element size, w = the weights' (4 for fp32), S = d_in splits:
+        _fwd_pre: M d_in e + H1 d_in w + 4 H1 + 4 M H1 (+ 8 S M H1 for S > 1: the partials
+                  written and summed by `_fwd_pre_sum_kernel`, mostly in L2)
         _fwd_out: 4 M H1 + d_out h w + 4 d_out + M d_out e
-    M = 192 (6 x 32), d_in = 1024, h = 128, d_out = 4096, bf16 x, fp32 weights, silu:
-    1,016,320 + 3,784,704 = 4,801,024 B (swiglu: 1,639,424 + 3,883,008 = 5,522,432 B). The floor
-    (x, weights and biases read once, y written once) is 4,604,416 B (swiglu 5,129,216 B); the
-    excess is pre, written once and read once.
+    M = 192 (6 x 32), d_in = 1024, h = 128, d_out = 4096, bf16 x, fp32 weights, silu, S = 1:
+    1,016,320 + 3,784,704 = 4,801,024 B (swiglu: 1,639,424 + 3,883,008 = 5,522,432 B); sm_90
+    defaults (S = 2 silu) add 393,216 B. The floor (x, weights and biases read once, y written
+    once) is 4,604,416 B (swiglu 5,129,216 B); the excess is pre, written once and read once.
     """
     rows, d_in, hidden, in_rows, d_out = _check(x, in_weight, out_weight, activation, in_bias, out_bias)
     lead = tuple(x.shape[:-1])
