@@ -671,6 +671,22 @@ def test_functional_routing_index_matches_the_conv_reference_per_row(index):
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_module_passes_a_routing_table_and_index_through():
+    torch.manual_seed(4)
+    module = randomized(MMAdapter(40, hidden_dim=8, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    routing_index, table = make_index("arbitrary", 2, 5, torch.Generator().manual_seed(2))
+    routing = torch.softmax(torch.randn(table, 2, device=DEVICE), -1)
+    with backend("triton"):
+        y = module(x, routing, routing_index)
+        expected = mm_adapter(x, module.conv_A.weight, module.conv_A.bias, module.conv_B.weight, module.conv_B.bias,
+                              module.conv_D.weight, module.conv_D.bias, routing, routing_index=routing_index)
+        with pytest.raises(ValueError, match="routing_index needs weights"):
+            module(x, None, routing_index)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert torch.equal(module.last_routing, routing)
+
+
 @pytest.mark.parametrize("backend_name, dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
 def test_autocast_runs_the_op_in_the_autocast_dtype(backend_name, dtype):
     """Under torch.autocast, x is cast to the autocast dtype and the fp32 weights are read as they
