@@ -1,52 +1,101 @@
 """The fused MM-Adapter: forward and backward Triton kernels, registered with torch.library.
 
-Math (dense form, `lavin_fast.reference.mm_adapter`), rows m = (b, n) of x flattened, M = B*N:
+Math (dense form, `lavin_fast.reference.mm_adapter`), rows m = (b, n) of x flattened, M = B*N,
+each row reading its routing weights from a table through an index, t(m) = index[b, n]
+(or t(m) = b without an index):
 
     h   = (x A^T + a) * mask                       [M, r]   mask: 0 or 1/(1-p), Philox(seed)
-    hw  = [w_0(b) h, w_1(b) h]                     [M, 2r]  the routed hidden state
-    y   = x + s * (hw U^T + w_0(b) u_0 + w_1(b) u_1)         U^T = [U_0^T; U_1^T]  [2r, d]
+    y   = x + s * (w_0(t) (h U_0^T + u_0) + w_1(t) (h U_1^T + u_1))
 
-The two routed up-projections are one product with K = 2r (REFERENCE.md section 1). Every
-`tl.dot` has all dims >= 16: the hidden axis is padded to K_PAD = max(16, next_pow2(2r)) (and
-to R_PAD = max(16, next_pow2(r)) where only h is multiplied); masked loads make the padding 0.
-The kernels work on a "doubled" hidden axis k in [0, K_PAD): column k holds expert k // r,
-hidden unit k % r (k < 2r), so the down-projection writes h straight into the routed layout.
+U_0, U_1 are the grouped 1x1 convolutions conv_B, conv_D, read in their grouped form
+[d, r/g] (g groups): output channel c of group c // (d/g) reads hidden units
+(c // (d/g)) r/g + j, j < r/g. Nothing dense is ever built; inside a tile the two experts sit
+on one "doubled" hidden axis k in [0, K_PAD) (expert k // r, unit k % r), so the two routed
+up-projections are one product with K = 2r whose off-group entries are masked to zero.
 
 Backward, with hd = h * mask (saved by the forward) and dy the upstream gradient:
 
-    dhw   = s * dy [U_0, U_1]                      [M, 2r]
-    dw_e  = sum_rows_of_b( hd . dhw_e + s * dy . u_e )       routing  [B, 2]
-    dh    = (w_0 dhw_0 + w_1 dhw_1) * mask         [M, r]
+    dhw_e = s dy U_e                              [M, r]   per expert
+    dw_e  = hd . dhw_e + s dy . u_e               [M]      summed into routing row t(m)
+    dh    = (w_0 dhw_0 + w_1 dhw_1) * mask        [M, r]
     dx    = dy + dh A;   dA = dh^T x;   da = sum_m dh
-    dU_e  = s * (w_e hd)^T dy  (dense [d, r]; autograd keeps only the grouped blocks)
-    du_e  = s * sum_m w_e dy
+    dU_e  = s (w_e hd)^T dy  (only the grouped entries);   du_e = s sum_m w_e dy
 
-Precision: every load is upcast to fp32 and every product accumulates in fp32. The dots'
-input precision follows x's dtype (the tests hold each to <= 2x PyTorch's own error there):
-- fp32: "ieee" (true fp32; tf32 would be far less accurate than PyTorch in fp32);
-- bf16: "tf32", which holds bf16 x and dy exactly and rounds the fp32 weights and hidden state
-  to 10 mantissa bits, finer than the 7 bits PyTorch rounds them to in bf16;
-- fp16: "tf32x3" (three tf32 products, ~fp32 accuracy). Plain tf32 rounds the weights exactly
-  as PyTorch's fp16 cast does, which leaves no margin on the routing gradient: an emulation of
-  the kernels with tf32 operands broke the 2x rule on d routing in 2 of 200 random problems.
-The interpreter ignores the setting (numpy fp32); the GPU tests judge it.
+Launches. Forward, per chunk of rows (see below): `_down_kernel` (partial x A^T over d slices,
+grid slices x row groups, each program holding its A slice for all its row blocks),
+`_hidden_kernel` (sums the partials, adds a, applies dropout: hd), `_up_kernel` (y, grid
+row blocks x column blocks). Backward, per chunk: `_dhw_kernel` (partial dy [U_0, U_1] and
+dy . u_e over d slices), `_dh_kernel` (dh and the per-row routing gradient), `_cols_kernel`
+(dx and per-row-group fp32 partials of dA, dU, du, da, grid column blocks x row groups); then
+once `_reduce_kernel` sums the partials into the gradients in their final layouts.
+
+L2 by design: the second read of x (forward, in `_up_kernel`) and of dy (backward, in
+`_cols_kernel`) follow the first read within one chunk of rows whose x (dy) is at most
+`chunk_bytes` (a fraction of L2, per arch in `BLOCK_CONFIGS`); the first read marks its lines
+evict_last, the second evict_first.
+
+Precision: every reduction accumulates in fp32. With `dot16` (the table's choice per arch and
+dtype) the products of bf16/fp16 inputs run on 16-bit MMAs: the tile of x or dy as it is, the
+fp32 weights and hidden state rounded to x's dtype, as PyTorch's own run in that dtype rounds
+them; the products that feed the routing gradient (dy U) keep fp32 operands ("tf32" for bf16,
+"tf32x3" for fp16: plain tf32 left no margin on the routing gradient in fp16). fp32 inputs use
+"ieee" throughout (tf32 would be far less accurate than PyTorch in fp32).
 
 Public: `mm_adapter` (the differentiable op), `mm_adapter_forward` / `mm_adapter_backward`
-(the launches, with block sizes exposed for benchmarks), `dropout_mask` (the exact mask the
-kernels use, for tests).
+(the launches, `config=` overriding `BLOCK_CONFIGS`), `launch_config`, `dropout_mask` (the exact
+mask the kernels use, for tests).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
 from lavin_fast.ops import KERNEL_DTYPES
+
+# Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
+# that every kernel compiles for sm_80 and sm_90 without spills, the main launches at 7B
+# micro-batch 4 fill a wave, and enough bytes are in flight per SM (~20 KB on H100). A GPU
+# sweep overrides any key through the launch functions' `config=`.
+#   block_m        rows per step of the row-streaming kernels (_down, _dhw; >= 16 for tl.dot)
+#   block_slice    d columns per program of _down / _dhw (its weight slice stays in registers)
+#   block_m_up, block_d_up, num_warps_up        rows per step, columns per program, warps of _up
+#   block_m_cols, block_d_cols, num_warps_cols  the same for _cols
+#   block_rows     rows per program of the row-wise kernels (_hidden, _dh)
+#   block_reduce   elements per program of _reduce
+#   num_warps      of _down / _dhw
+#   num_stages     of the streaming kernels (>= 3: their loads multi-buffered)
+#   waves          programs to aim for, in multiples of the SM count (_cols: one wave)
+#   chunk_bytes    rows per chunk: x (dy) of a chunk at most this many bytes (the L2 re-read set)
+#   sms            SM count assumed where no device can be asked (offline compiles)
+#   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
+# Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
+# accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
+# 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice;
+# bf16 takes 512-wide slices (168 registers, no spills), halving the partials' bytes.
+_GPU = dict(block_m=16, block_slice=256, block_m_up=32, block_d_up=128, num_warps_up=8, block_rows=64,
+            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
+_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32),
+                  float16=dict(block_m_cols=16, block_d_cols=64, block_slice=128),
+                  bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512))
+BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
+    **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=16 << 20, sms=132, dot16=dtype != "float32")
+       for dtype, own in _PER_DTYPE.items()},
+    **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=12 << 20, sms=108, dot16=dtype != "float32")
+       for dtype, own in _PER_DTYPE.items()},
+    # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
+    # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
+    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_m_up=16, block_d_up=128, num_warps_up=4,
+                                    block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024, num_warps=4,
+                                    num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
+                                    dot16=dtype != "float32")
+       for dtype in _PER_DTYPE},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,190 +106,333 @@ from lavin_fast.ops import KERNEL_DTYPES
 def _dropout_multiplier(seed, rows, units, hidden, p):
     """Dropout factor of h[rows, units] (0 or 1/(1-p)): Philox at offset row * hidden + unit.
 
-    The single definition of the mask: the forward and backward kernel 1 draw it here (kernel 2
-    reads the saved hd), and so does `dropout_mask`, so the backward replays the forward's mask."""
+    The single definition of the mask: `_hidden_kernel` and `_dh_kernel` draw it here, and so
+    does `dropout_mask`, so the backward replays the forward's mask."""
     offsets = rows[:, None] * hidden + units[None, :]
     keep = tl.rand(seed, offsets) >= p
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
 
 
 @triton.jit
-def _routing(w_ptr, batch, row_ok, stride_wb, stride_we):
-    """w_0, w_1 of each row's sample, fp32 (0 on rows past the end)."""
-    w0 = tl.load(w_ptr + batch * stride_wb, mask=row_ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + batch * stride_wb + stride_we, mask=row_ok, other=0.0).to(tl.float32)
-    return w0, w1
+def _row_offsets(rows, N, stride_b, stride_n):
+    """Offsets (int64) of rows m = b N + n in a [B, N, ...] tensor with these strides."""
+    return (rows // N).to(tl.int64) * stride_b + (rows % N).to(tl.int64) * stride_n
 
 
 @triton.jit
-def _mm_adapter_fwd_kernel(
-    x_ptr, w_ptr, a_w_ptr, a_b_ptr, u_w_ptr, u_b_ptr, y_ptr, hd_ptr,
-    M, N, D, R,
-    stride_xb, stride_xn, stride_xd, stride_wb, stride_we,
-    scale, p, seed_ptr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Each program takes row blocks of BLOCK_M rows (block pid, pid + programs, ...). Pass 1
-    (d ascending): h = x A^T + a. Pass 2 (d descending, so the x tiles read last in pass 1, the
-    likeliest still in L2, are re-read first): y = x + s (hw U^T + routed bias).
-    Weights are contiguous: A [r, d], U [2, d, r], u [2, d]."""
-    scale = tl.cast(scale, tl.float32)
-    p = tl.cast(p, tl.float32)
-    k = tl.arange(0, K_PAD)
-    expert, unit, k_ok = k // R, k % R, k < 2 * R
-    cols = tl.arange(0, BLOCK_D)
-    num_chunks = tl.cdiv(D, BLOCK_D)
-    for block in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        batch = rows // N
-        x_row = batch.to(tl.int64) * stride_xb + (rows % N).to(tl.int64) * stride_xn
-
-        h = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            c_ok = c < D
-            x = tl.load(x_ptr + x_row[:, None] + c[None, :] * stride_xd,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            a_t = tl.load(a_w_ptr + unit[None, :] * D + c[:, None],                 # [BLOCK_D, K_PAD]
-                          mask=k_ok[None, :] & c_ok[:, None], other=0.0).to(tl.float32)
-            h = tl.dot(x, a_t, h, input_precision=PRECISION)
-        h += tl.load(a_b_ptr + unit, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_DROPOUT:
-            h = h * _dropout_multiplier(tl.load(seed_ptr), rows, unit, R, p)
-        tl.store(hd_ptr + rows[:, None] * R + k[None, :], h, mask=row_ok[:, None] & (k < R)[None, :])
-
-        w0, w1 = _routing(w_ptr, batch, row_ok, stride_wb, stride_we)
-        hw = h * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])
-        for i in range(0, num_chunks):
-            c = (num_chunks - 1 - i) * BLOCK_D + cols
-            c_ok = c < D
-            tile_ok = row_ok[:, None] & c_ok[None, :]
-            x = tl.load(x_ptr + x_row[:, None] + c[None, :] * stride_xd, mask=tile_ok, other=0.0).to(tl.float32)
-            u_t = tl.load(u_w_ptr + expert[:, None] * D * R + c[None, :] * R + unit[:, None],  # [K_PAD, BLOCK_D]
-                          mask=k_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            u0 = tl.load(u_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            u1 = tl.load(u_b_ptr + D + c, mask=c_ok, other=0.0).to(tl.float32)
-            up = tl.dot(hw, u_t, input_precision=PRECISION) + w0[:, None] * u0[None, :] + w1[:, None] * u1[None, :]
-            y = x + scale * up
-            tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=tile_ok)
+def _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we,
+             HAS_INDEX: tl.constexpr):
+    """(t, ok, w_0, w_1) of each row: its routing-table row t (index[b, n], or b without an
+    index) and that row's weights in fp32; ok is False (and w 0) for rows past the end and for
+    an index outside [0, TABLE_ROWS), which is never read."""
+    if HAS_INDEX:
+        t = tl.load(index_ptr + _row_offsets(rows, N, stride_ib, stride_in), mask=row_ok, other=0).to(tl.int64)
+    else:
+        t = (rows // N).to(tl.int64)
+    ok = row_ok & (t >= 0) & (t < TABLE_ROWS)
+    w0 = tl.load(w_ptr + t * stride_wr, mask=ok, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + t * stride_wr + stride_we, mask=ok, other=0.0).to(tl.float32)
+    return t, ok, w0, w1
 
 
 @triton.jit
-def _mm_adapter_bwd_rows_kernel(
-    dy_ptr, w_ptr, u_w_ptr, u_b_ptr, hd_ptr, dh_ptr, dw_ptr,
-    M, N, D, R,
-    stride_gb, stride_gn, stride_gd, stride_wb, stride_we,
-    scale, p, seed_ptr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Backward 1 of 2, one program = BLOCK_M rows, one pass over d: dhw = s dy [U_0, U_1] and
-    dy . u_e, then the per-row routing gradient dw [M, 2] and the hidden gradient dh [M, r]."""
-    scale = tl.cast(scale, tl.float32)
-    p = tl.cast(p, tl.float32)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    batch = rows // N
-    g_row = batch.to(tl.int64) * stride_gb + (rows % N).to(tl.int64) * stride_gn
+def _grouped_up(b_w_ptr, d_w_ptr, cols, col_ok, D_GROUP, R_GROUP, R, K_PAD: tl.constexpr):
+    """The two up-projections' entries for columns `cols` on the doubled hidden axis,
+    [K_PAD, len(cols)] fp32, read from the grouped weights [d, r/g] (0 off the groups)."""
     k = tl.arange(0, K_PAD)
-    expert, unit, k_ok = k // R, k % R, k < 2 * R
-    cols = tl.arange(0, BLOCK_D)
+    expert, unit = k // R, k % R
+    j = unit[:, None] - (cols // D_GROUP)[None, :] * R_GROUP       # unit within the column's group
+    ok = (k < 2 * R)[:, None] & col_ok[None, :] & (j >= 0) & (j < R_GROUP)
+    at = cols[None, :] * R_GROUP + j
+    u = tl.load(b_w_ptr + at, mask=ok & (expert == 0)[:, None], other=0.0, eviction_policy="evict_last")
+    u += tl.load(d_w_ptr + at, mask=ok & (expert == 1)[:, None], other=0.0, eviction_policy="evict_last")
+    return u.to(tl.float32)
 
-    dhw = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
-    dy_u0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dy_u1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        c_ok = c < D
-        dy = tl.load(dy_ptr + g_row[:, None] + c[None, :] * stride_gd,
-                     mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_w_ptr + expert[None, :] * D * R + c[:, None] * R + unit[None, :],  # [BLOCK_D, K_PAD]
-                    mask=k_ok[None, :] & c_ok[:, None], other=0.0).to(tl.float32)
-        dhw = tl.dot(dy, u, dhw, input_precision=PRECISION)
-        u0 = tl.load(u_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        u1 = tl.load(u_b_ptr + D + c, mask=c_ok, other=0.0).to(tl.float32)
-        dy_u0 += tl.sum(dy * u0[None, :], axis=1)
-        dy_u1 += tl.sum(dy * u1[None, :], axis=1)
-    dhw = dhw * scale
 
-    hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    routing_terms = hd * dhw
-    dw0 = tl.sum(tl.where(expert[None, :] == 0, routing_terms, 0.0), axis=1) + scale * dy_u0
-    dw1 = tl.sum(tl.where(expert[None, :] == 1, routing_terms, 0.0), axis=1) + scale * dy_u1
-    tl.store(dw_ptr + rows * 2, dw0, mask=row_ok)
-    tl.store(dw_ptr + rows * 2 + 1, dw1, mask=row_ok)
+@triton.jit
+def _down_kernel(
+    x_ptr, a_w_ptr, part_ptr,
+    row0, row1, M, N, D, R, BLOCKS_PER_GROUP,
+    stride_xb, stride_xn, stride_xd,
+    BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, R_PAD: tl.constexpr,
+    DOT16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward 1 of 3, grid (d slices, row groups): part[slice, m] = x[m, slice] A[:, slice]^T
+    for the rows [row0, row1) of one chunk. A program loads its A slice once ([BLOCK_SLICE,
+    R_PAD], kept in registers) and streams BLOCKS_PER_GROUP row blocks of x through it, x
+    marked evict_last (`_up_kernel` reads it again). part: [slices, M, r] fp32.
 
-    # dh[:, j] = w_0 dhw[:, j] + w_1 dhw[:, r + j]: columns j and r + j folded by a 0/1 matrix
-    # (a K_PAD x K_PAD product, exact in ieee; cheaper than a register shuffle in Triton).
-    w0, w1 = _routing(w_ptr, batch, row_ok, stride_wb, stride_we)
-    routed = dhw * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])
-    fold = ((unit[:, None] == unit[None, :]) & k_ok[:, None] & k_ok[None, :]).to(tl.float32)
-    dh = tl.dot(routed, fold, input_precision="ieee")
+    HBM bytes per chunk of Mc rows: x read (Mc d e); A read from L2 once per row group
+    (4 r d G); partials written (4 Mc r d / BLOCK_SLICE), read back by `_hidden_kernel`."""
+    c = tl.program_id(0) * BLOCK_SLICE + tl.arange(0, BLOCK_SLICE)
+    c_ok = c < D
+    i = tl.arange(0, R_PAD)
+    a_t = tl.load(a_w_ptr + i[None, :] * D + c[:, None], mask=(i < R)[None, :] & c_ok[:, None], other=0.0,
+                  eviction_policy="evict_last").to(tl.float32)                     # [BLOCK_SLICE, R_PAD]
+    if DOT16:
+        a_t = a_t.to(x_ptr.dtype.element_ty)
+    first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
+    last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy="evict_last")
+        if DOT16:
+            h = tl.dot(x, a_t)
+        else:
+            h = tl.dot(x.to(tl.float32), a_t, input_precision=PRECISION)
+        tl.store(part_ptr + (tl.program_id(0).to(tl.int64) * M + rows)[:, None] * R + i[None, :], h,
+                 mask=row_ok[:, None] & (i < R)[None, :])
+
+
+@triton.jit
+def _hidden_kernel(part_ptr, a_b_ptr, hd_ptr, row0, row1, M, R, SLICES, p, seed_ptr,
+                   HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr):
+    """Forward 2 of 3, BLOCK_ROWS rows per program: hd = (sum_slices part + a) * mask [M, r].
+
+    HBM bytes: partials read (4 Mc r slices, from L2), hd written (4 Mc r)."""
+    rows = row0 + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    i = tl.arange(0, R_PAD)
+    ok = (rows < row1)[:, None] & (i < R)[None, :]
+    at = rows[:, None] * R + i[None, :]
+    h = tl.zeros([BLOCK_ROWS, R_PAD], dtype=tl.float32)
+    for s in range(0, SLICES):
+        h += tl.load(part_ptr + s * M * R + at, mask=ok, other=0.0)
+    h += tl.load(a_b_ptr + i, mask=i < R, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        dh = dh * _dropout_multiplier(tl.load(seed_ptr), rows, unit, R, p)
-    tl.store(dh_ptr + rows[:, None] * R + k[None, :], dh, mask=row_ok[:, None] & (k < R)[None, :])
+        h = h * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
+    tl.store(hd_ptr + at, h, mask=ok)
 
 
 @triton.jit
-def _mm_adapter_bwd_cols_kernel(
-    dy_ptr, x_ptr, w_ptr, a_w_ptr, hd_ptr, dh_ptr, dx_ptr, da_part_ptr, du_part_ptr, dub_part_ptr,
-    M, N, D, R, BLOCKS_PER_GROUP,
-    stride_gb, stride_gn, stride_gd, stride_xb, stride_xn, stride_xd, stride_wb, stride_we,
-    scale,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _up_kernel(
+    x_ptr, w_ptr, index_ptr, hd_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, y_ptr,
+    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP,
+    stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we, scale,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+    DOT16: tl.constexpr,
 ):
-    """Backward 2 of 2, grid (d chunks, row groups): each program owns BLOCK_D columns and
-    BLOCKS_PER_GROUP row blocks. It writes dx = dy + dh A for its tiles and accumulates, in fp32
-    registers, its share of dA = dh^T x, dU = s hw^T dy and du_e = s sum w_e dy; the shares go
-    to [row_groups, ...] buffers that the host sums (deterministic)."""
+    """Forward 3 of 3, grid (column blocks, row groups of the chunk): a program loads the grouped
+    up-projections and biases of its BLOCK_D columns once and streams BLOCKS_PER_GROUP row blocks:
+    y = x + s (hw U^T + w_0 u_0 + w_1 u_1), hw = [w_0 hd, w_1 hd] gathered from hd. x is read
+    the second time (evict_first: the chunk's last use). y [M, d] contiguous.
+
+    HBM bytes per chunk: y written (Mc d e); x read again from L2 (Mc d e); the grouped weights
+    and biases from L2 once per row group (8 (r/g + 1) d G), hd from L2 (8 Mc r per column
+    block)."""
     scale = tl.cast(scale, tl.float32)
     c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = c < D
-    group = tl.program_id(1)
+    k = tl.arange(0, K_PAD)
+    expert, unit = k // R, k % R
+    u_t = _grouped_up(b_w_ptr, d_w_ptr, c, c_ok, D_GROUP, R_GROUP, R, K_PAD)          # [K_PAD, BLOCK_D]
+    if DOT16:
+        u_t = u_t.to(x_ptr.dtype.element_ty)
+    u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
+    last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
+                                stride_wr, stride_we, HAS_INDEX)
+        hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
+                     other=0.0)
+        hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])           # [BLOCK_M, K_PAD]
+        if DOT16:
+            up = tl.dot(hw.to(x_ptr.dtype.element_ty), u_t)
+        else:
+            up = tl.dot(hw, u_t, input_precision="ieee")
+        tile_ok = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
+                    mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        y = x + scale * (up + w0[:, None] * u0[None, :] + w1[:, None] * u1[None, :])
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dhw_kernel(
+    dy_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, part_ptr,
+    row0, row1, M, N, D, R, D_GROUP, R_GROUP, BLOCKS_PER_GROUP,
+    stride_gb, stride_gn, stride_gd,
+    BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward 1 of 3, grid (d slices, row groups), as `_down_kernel`: over one d slice,
+    part[slice, m] = [dy U_0 | dy U_1 | dy . u_0 | dy . u_1] (unscaled), width 2r + 2. The
+    grouped U slice and the biases stay in registers; dy is marked evict_last (`_cols_kernel`
+    reads it again). fp32 operands (this feeds the routing gradient, see the module docstring).
+
+    HBM bytes per chunk: dy read (Mc d e); U and u from L2 once per row group; partials written
+    (4 Mc (2r + 2) slices), read back by `_dh_kernel`."""
+    c = tl.program_id(0) * BLOCK_SLICE + tl.arange(0, BLOCK_SLICE)
+    c_ok = c < D
+    u = tl.trans(_grouped_up(b_w_ptr, d_w_ptr, c, c_ok, D_GROUP, R_GROUP, R, K_PAD))  # [BLOCK_SLICE, K_PAD]
+    u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    k = tl.arange(0, K_PAD)
+    width = 2 * R + 2
+    first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
+    last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        dy = tl.load(dy_ptr + _row_offsets(rows, N, stride_gb, stride_gn)[:, None] + c[None, :] * stride_gd,
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        dhw = tl.dot(dy, u, input_precision=PRECISION)
+        out = part_ptr + (tl.program_id(0).to(tl.int64) * M + rows) * width
+        tl.store(out[:, None] + k[None, :], dhw, mask=row_ok[:, None] & (k < 2 * R)[None, :])
+        tl.store(out + 2 * R, tl.sum(dy * u0[None, :], axis=1), mask=row_ok)
+        tl.store(out + 2 * R + 1, tl.sum(dy * u1[None, :], axis=1), mask=row_ok)
+
+
+@triton.jit
+def _dh_kernel(
+    part_ptr, w_ptr, index_ptr, hd_ptr, dh_ptr, dw_ptr,
+    row0, row1, M, N, R, SLICES, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we, scale, p, seed_ptr,
+    HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Backward 2 of 3, BLOCK_ROWS rows per program: sums the slices' partials into
+    dhw_e = s dy U_e and dy . u_e, then writes the per-row routing gradient
+    dw_e = hd . dhw_e + s dy . u_e ([M, 2]) and dh = (w_0 dhw_0 + w_1 dhw_1) * mask ([M, r]).
+
+    HBM bytes: partials (4 Mc (2r + 2) slices, from L2), hd read (4 Mc r), dh and dw written
+    (4 Mc (r + 2))."""
+    scale = tl.cast(scale, tl.float32)
+    rows = row0 + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < row1
+    i = tl.arange(0, R_PAD)
+    ok = row_ok[:, None] & (i < R)[None, :]
+    width = 2 * R + 2
+    dhw0 = tl.zeros([BLOCK_ROWS, R_PAD], dtype=tl.float32)
+    dhw1 = tl.zeros([BLOCK_ROWS, R_PAD], dtype=tl.float32)
+    dyu0 = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    dyu1 = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for s in range(0, SLICES):
+        part = part_ptr + (s * M + rows) * width
+        dhw0 += tl.load(part[:, None] + i[None, :], mask=ok, other=0.0)
+        dhw1 += tl.load(part[:, None] + R + i[None, :], mask=ok, other=0.0)
+        dyu0 += tl.load(part + 2 * R, mask=row_ok, other=0.0)
+        dyu1 += tl.load(part + 2 * R + 1, mask=row_ok, other=0.0)
+    hd = tl.load(hd_ptr + rows[:, None] * R + i[None, :], mask=ok, other=0.0)
+    tl.store(dw_ptr + rows * 2, scale * (tl.sum(hd * dhw0, axis=1) + dyu0), mask=row_ok)
+    tl.store(dw_ptr + rows * 2 + 1, scale * (tl.sum(hd * dhw1, axis=1) + dyu1), mask=row_ok)
+    _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
+                            stride_wr, stride_we, HAS_INDEX)
+    dh = scale * (w0[:, None] * dhw0 + w1[:, None] * dhw1)
+    if HAS_DROPOUT:
+        dh = dh * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
+    tl.store(dh_ptr + rows[:, None] * R + i[None, :], dh, mask=ok)
+
+
+@triton.jit
+def _cols_kernel(
+    dy_ptr, x_ptr, w_ptr, index_ptr, a_w_ptr, hd_ptr, dh_ptr, dx_ptr, part_ptr,
+    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP, GROUP0, TOTAL,
+    stride_gb, stride_gn, stride_gd, stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we,
+    scale,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, DOT16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward 3 of 3, grid (column blocks, row groups of the chunk): each program owns
+    BLOCK_D columns and BLOCKS_PER_GROUP row blocks. It writes dx = dy + dh A for its tiles
+    (dy read the second time, evict_first) and accumulates in fp32 registers its share of
+    dA = dh^T x, dU = s hw^T dy (grouped entries only), du_e = s sum w_e dy and da = sum dh,
+    stored as one row (GROUP0 + its group) of the partials [groups, TOTAL] that
+    `_reduce_kernel` sums. Layout of a row: dA [r, d], dU_0 [d, r/g], dU_1 [d, r/g], du_0 [d],
+    du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r).
+
+    HBM bytes per chunk: dy again (from L2), x read (Mc d e), dx written (Mc d e); dh, hd from
+    L2; partials written (4 TOTAL per group)."""
+    scale = tl.cast(scale, tl.float32)
+    c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_ok = c < D
     i = tl.arange(0, R_PAD)
     i_ok = i < R
     k = tl.arange(0, K_PAD)
-    expert, unit, k_ok = k // R, k % R, k < 2 * R
-
-    a = tl.load(a_w_ptr + i[:, None] * D + c[None, :], mask=i_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    expert, unit = k // R, k % R
+    a = tl.load(a_w_ptr + i[:, None] * D + c[None, :], mask=i_ok[:, None] & c_ok[None, :], other=0.0,
+                eviction_policy="evict_last").to(tl.float32)                       # [R_PAD, BLOCK_D]
+    if DOT16:
+        a = a.to(x_ptr.dtype.element_ty)
     da_acc = tl.zeros([R_PAD, BLOCK_D], dtype=tl.float32)
     du_acc = tl.zeros([K_PAD, BLOCK_D], dtype=tl.float32)
-    dub0_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dub1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = group * BLOCKS_PER_GROUP
-    last = tl.minimum(first + BLOCKS_PER_GROUP, tl.cdiv(M, BLOCK_M))
-    for block in range(first, last):
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        batch = rows // N
-        n = (rows % N).to(tl.int64)
+    du0_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    du1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dh_sum = tl.zeros([R_PAD], dtype=tl.float32)
+    first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
+    last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
         tile_ok = row_ok[:, None] & c_ok[None, :]
-        dy = tl.load(dy_ptr + (batch.to(tl.int64) * stride_gb + n * stride_gn)[:, None] + c[None, :] * stride_gd,
-                     mask=tile_ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + (batch.to(tl.int64) * stride_xb + n * stride_xn)[:, None] + c[None, :] * stride_xd,
-                    mask=tile_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + _row_offsets(rows, N, stride_gb, stride_gn)[:, None] + c[None, :] * stride_gd,
+                     mask=tile_ok, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
+                    mask=tile_ok, other=0.0, eviction_policy="evict_first")
         dh = tl.load(dh_ptr + rows[:, None] * R + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
-        dx = dy + tl.dot(dh, a, input_precision=PRECISION)
-        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
-        da_acc = tl.dot(tl.trans(dh), x, da_acc, input_precision=PRECISION)
-
-        w0, w1 = _routing(w_ptr, batch, row_ok, stride_wb, stride_we)
-        hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
+                                stride_wr, stride_we, HAS_INDEX)
+        hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
+                     other=0.0)
         hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])
-        du_acc = tl.dot(tl.trans(hw), dy, du_acc, input_precision=PRECISION)
-        dub0_acc += tl.sum(w0[:, None] * dy, axis=0)
-        dub1_acc += tl.sum(w1[:, None] * dy, axis=0)
+        if DOT16:
+            dh16 = dh.to(x_ptr.dtype.element_ty)
+            dx = dy.to(tl.float32) + tl.dot(dh16, a)
+            da_acc = tl.dot(tl.trans(dh16), x, da_acc)
+            du_acc = tl.dot(tl.trans(hw.to(x_ptr.dtype.element_ty)), dy, du_acc)
+        else:
+            dx = dy.to(tl.float32) + tl.dot(dh, a, input_precision=PRECISION)
+            da_acc = tl.dot(tl.trans(dh), x.to(tl.float32), da_acc, input_precision=PRECISION)
+            du_acc = tl.dot(tl.trans(hw), dy.to(tl.float32), du_acc, input_precision=PRECISION)
+        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        dy32 = dy.to(tl.float32)
+        du0_acc += tl.sum(w0[:, None] * dy32, axis=0)
+        du1_acc += tl.sum(w1[:, None] * dy32, axis=0)
+        dh_sum += tl.sum(dh, axis=0)
 
-    tl.store(da_part_ptr + (group * R + i[:, None]) * D + c[None, :], da_acc,
-             mask=i_ok[:, None] & c_ok[None, :])
-    tl.store(du_part_ptr + (group * 2 * R + k[:, None]) * D + c[None, :], du_acc * scale,
-             mask=k_ok[:, None] & c_ok[None, :])
-    tl.store(dub_part_ptr + group * 2 * D + c, dub0_acc * scale, mask=c_ok)
-    tl.store(dub_part_ptr + group * 2 * D + D + c, dub1_acc * scale, mask=c_ok)
+    out = part_ptr + (GROUP0 + tl.program_id(1)).to(tl.int64) * TOTAL
+    tl.store(out + i[:, None] * D + c[None, :], da_acc, mask=i_ok[:, None] & c_ok[None, :])
+    j = unit[:, None] - (c // D_GROUP)[None, :] * R_GROUP
+    in_group = (k < 2 * R)[:, None] & c_ok[None, :] & (j >= 0) & (j < R_GROUP)
+    tl.store(out + R * D + expert[:, None] * D * R_GROUP + c[None, :] * R_GROUP + j, du_acc * scale, mask=in_group)
+    biases = out + R * D + 2 * D * R_GROUP
+    tl.store(biases + c, du0_acc * scale, mask=c_ok)
+    tl.store(biases + D + c, du1_acc * scale, mask=c_ok)
+    if tl.program_id(0) == 0:
+        tl.store(biases + 2 * D + i, dh_sum, mask=i_ok)
+
+
+@triton.jit
+def _segment_store(out_ptr, e, start, length, value, ok):
+    tl.store(out_ptr + (e - start), value, mask=ok & (e >= start) & (e < start + length))
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, da_w_ptr, db_w_ptr, dd_w_ptr, db_b_ptr, dd_b_ptr, da_b_ptr,
+                   GROUPS, TOTAL, R, D, R_GROUP, BLOCK: tl.constexpr):
+    """Sums the partials over the row groups (ascending: deterministic) and writes each
+    gradient in its final layout: dA [r, d], dU_0 and dU_1 [d, r/g] (the grouped weights'
+    own layout), du_0, du_1 [d], da [r], all fp32. Element e of a partials row is element e of
+    their concatenation (see `_cols_kernel`).
+
+    HBM bytes: 4 TOTAL (groups + 1)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < TOTAL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for g in range(0, GROUPS):
+        acc += tl.load(part_ptr + g * TOTAL + e, mask=ok, other=0.0)
+    start = 0
+    _segment_store(da_w_ptr, e, start, R * D, acc, ok)
+    start += R * D
+    _segment_store(db_w_ptr, e, start, D * R_GROUP, acc, ok)
+    start += D * R_GROUP
+    _segment_store(dd_w_ptr, e, start, D * R_GROUP, acc, ok)
+    start += D * R_GROUP
+    _segment_store(db_b_ptr, e, start, D, acc, ok)
+    _segment_store(dd_b_ptr, e, start + D, D, acc, ok)
+    _segment_store(da_b_ptr, e, start + 2 * D, R, acc, ok)
 
 
 @triton.jit
@@ -267,8 +459,18 @@ def _seed_tensor(seed: int | Tensor | None, device: torch.device) -> Tensor:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def launch_config(x: Tensor, config: dict | None = None) -> dict:
+    """The block sizes for x's device and dtype (`BLOCK_CONFIGS`), with `config`'s keys on top."""
+    base = BLOCK_CONFIGS[(_target.arch(x.device), str(x.dtype).removeprefix("torch."))]
+    unknown = set(config or {}) - set(base)
+    if unknown:
+        raise ValueError(f"mm_adapter kernel: unknown config keys {sorted(unknown)}; known: {sorted(base)}")
+    return {**base, **(config or {})}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the fp32-operand products, per x dtype (module docstring)."""
+    return {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}[dtype]
 
 
 def _pads(hidden: int) -> tuple[int, int]:
@@ -276,32 +478,55 @@ def _pads(hidden: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(hidden)), max(16, triton.next_power_of_2(2 * hidden))
 
 
-def _precision(dtype: torch.dtype, precision: str | None) -> str:
-    """tl.dot input precision per x dtype (see the module docstring)."""
-    if precision is not None:
-        return precision
-    return {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}[dtype]
+def _slices(dim: int, row_blocks: int, config: dict, programs: int) -> int:
+    """d slice width of `_down_kernel` / `_dhw_kernel`: the table's, halved (down to 64) while
+    the row blocks are too few to fill `programs` programs: the decode path splits d."""
+    width = config["block_slice"]
+    while width > 64 and triton.cdiv(dim, width) * row_blocks < programs:
+        width //= 2
+    return width
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _groups(blocks: int, other_axis: int, programs: int) -> tuple[int, int]:
+    """(groups, blocks per group): `blocks` row blocks split so that groups x the other grid
+    axis (of size other_axis) reaches `programs` programs, no group empty."""
+    per_group = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(programs, other_axis))))
+    return triton.cdiv(blocks, per_group), per_group
 
 
-def _check(x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Tensor,
-           down_bias: Tensor | None = None, dy: Tensor | None = None) -> tuple[int, int, int, int]:
+def _chunks(rows: int, dim: int, element_size: int, config: dict) -> list[tuple[int, int]]:
+    """Row ranges [row0, row1) whose x (or dy) holds at most config["chunk_bytes"] bytes (the
+    set re-read from L2), of about equal size (no small last chunk with a small grid), in whole
+    blocks of every kernel."""
+    align = max(config["block_m"], config["block_m_up"], config["block_m_cols"], config["block_rows"])
+    most = max(align, config["chunk_bytes"] // (dim * element_size) // align * align)
+    size = triton.cdiv(triton.cdiv(rows, triton.cdiv(rows, most)), align) * align
+    return [(row0, min(row0 + size, rows)) for row0 in range(0, rows, size)]
+
+
+def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor, b_bias: Tensor,
+           d_weight: Tensor, d_bias: Tensor, routing: Tensor, routing_index: Tensor | None,
+           dy: Tensor | None = None) -> tuple[int, int, int, int, int]:
     """Kernel preconditions: the kernels index memory from these shapes, so nothing is assumed.
-    Returns (B, N, d, r)."""
+    Returns (B, N, d, r, r/g). The index's range is checked by `lavin_fast.ops.mm_adapter` (a
+    device sync); the kernels skip an out-of-range index (weights 0), they never read with it."""
     op = "mm_adapter kernel"
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [batch, tokens, dim], got shape {tuple(x.shape)}")
     batch, tokens, dim = x.shape
-    if down_weight.dim() != 2 or down_weight.shape[1] != dim or down_weight.shape[0] == 0:
-        raise ValueError(f"{op}: down_weight must be [hidden, {dim}], got {tuple(down_weight.shape)}")
-    hidden = down_weight.shape[0]
-    expected = dict(x=(x, x.shape), routing=(routing, (batch, 2)), down_weight=(down_weight, down_weight.shape),
-                    up_weight=(up_weight, (2, dim, hidden)), up_bias=(up_bias, (2, dim)),
-                    down_bias=(down_bias, (hidden,)), dy=(dy, x.shape))
+    if a_weight.dim() != 2 or a_weight.shape[1] != dim or a_weight.shape[0] == 0:
+        raise ValueError(f"{op}: down_weight must be [hidden, {dim}], got {tuple(a_weight.shape)}")
+    hidden = a_weight.shape[0]
+    if b_weight.dim() != 2 or b_weight.shape[0] != dim or b_weight.shape[1] == 0 or hidden % b_weight.shape[1] \
+            or dim % (hidden // b_weight.shape[1]):
+        raise ValueError(f"{op}: up_b_weight must be [{dim}, hidden/groups] with groups dividing hidden "
+                         f"({hidden}) and dim ({dim}), got {tuple(b_weight.shape)}")
+    per_group = b_weight.shape[1]
+    table = (batch, 2) if routing_index is None else (routing.shape[0] if routing.dim() == 2 else -1, 2)
+    expected = dict(x=(x, x.shape), down_weight=(a_weight, a_weight.shape), down_bias=(a_bias, (hidden,)),
+                    up_b_weight=(b_weight, b_weight.shape), up_b_bias=(b_bias, (dim,)),
+                    up_d_weight=(d_weight, (dim, per_group)), up_d_bias=(d_bias, (dim,)),
+                    routing=(routing, table), dy=(dy, x.shape))
     for name, (tensor, shape) in expected.items():
         if tensor is None:
             continue
@@ -311,38 +536,48 @@ def _check(x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, u
             raise ValueError(f"{op}: {name} has dtype {tensor.dtype}; the kernel takes {KERNEL_DTYPES}")
         if tensor.device != x.device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
-    if not x.is_cuda and not _interpreting():
+    if routing_index is not None:
+        if routing_index.dtype not in (torch.int32, torch.int64) or tuple(routing_index.shape) != (batch, tokens):
+            raise ValueError(f"{op}: routing_index must be an int32/int64 [{batch}, {tokens}] tensor, got "
+                             f"{routing_index.dtype} {tuple(routing_index.shape)}")
+        if routing_index.device != x.device:
+            raise ValueError(f"{op}: routing_index is on {routing_index.device} but x is on {x.device}")
+    if not x.is_cuda and not _target.interpreting():
         raise RuntimeError(f"{op}: tensors on {x.device} need a CUDA device or TRITON_INTERPRET=1")
-    if dim == 0 or batch * tokens * max(hidden, 2) >= 2**31:
-        raise ValueError(f"{op}: need dim > 0 and batch * tokens * hidden < 2**31 (int32 offsets of h and "
-                         f"the dropout stream), got x {tuple(x.shape)}, hidden {hidden}")
-    return batch, tokens, dim, hidden
+    if dim == 0 or batch * tokens * (2 * hidden + 2) * triton.cdiv(dim, 64) >= 2**31:
+        raise ValueError(f"{op}: need dim > 0 and batch * tokens * (2 hidden + 2) * cdiv(dim, 64) < 2**31 "
+                         f"(int32 offsets of the row-wise buffers), got x {tuple(x.shape)}, hidden {hidden}")
+    return batch, tokens, dim, hidden, per_group
+
+
+def _index_args(routing: Tensor, routing_index: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
+    """(index tensor or a stand-in never read, its strides)."""
+    if routing_index is None:
+        return routing, 0, 0
+    return routing_index, routing_index.stride(0), routing_index.stride(1)
 
 
 def mm_adapter_forward(
-    x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-    up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None, *,
-    block_m: int = 32, block_d: int = 64, programs: int | None = None, num_warps: int = 8,
-    num_stages: int = 2, precision: str | None = None,
+    x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+    up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, scale: float,
+    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the forward. x [B, N, d] (any strides); routing [B, 2]; down_weight [r, d];
-    down_bias [r]; up_weight [2, d, r]; up_bias [2, d]. Returns y [B, N, d] in x's dtype and
-    hd [B, N, r] fp32, the hidden state after dropout (what the backward needs).
+    """Launch the forward. x [B, N, d] (any strides); down_weight [r, d]; down_bias [r];
+    up_b_weight, up_d_weight [d, r/g] (conv_B, conv_D in their grouped form, the trailing 1
+    dropped); up_b_bias, up_d_bias [d]; routing [T, 2] read by row (b, n) at
+    routing_index[b, n] (int [B, N]), or [B, 2] read at b (routing_index None).
+    Returns y [B, N, d] in x's dtype and hd [B, N, r] fp32, the hidden state after dropout.
+    `config` overrides `BLOCK_CONFIGS` keys (benchmarks sweep them).
 
-    `programs` caps the grid (each program then walks several row blocks): the knob that keeps
-    the row blocks in flight, programs * block_m * d * e bytes, inside L2. None: one program per
-    row block. The defaults are untimed: the largest tiles that ptxas compiles for sm_90 without
-    register spills in all three dtypes (an offline compile; benchmarks sweep them). At ~184
-    registers x 256 threads one program fits per SM, so an H100 holds 132 x 256 KB = 34 MB of
-    row blocks in flight for d = 4096 bf16: inside its 50 MB L2.
-
-    HBM bytes, M = B N, e = x's element size, fp32 weights: read x (M d e), write y (M d e),
-    write hd (4 M r), read the weights once (4 (3 r d + 2 d + r)): 2 M d e + 4 M r + ~12 r d.
-    That is the floor, reached when pass 2's re-read of each x tile hits L2; when the row blocks
-    in flight outgrow L2, up to one more M d e.
-    B=4, N=512, d=4096, r=8, bf16: 33,554,432 + 65,536 + 426,048 = 34.0 MB (floor 33.6 MB).
+    HBM bytes, M = B N, e = x's element size, fp32 weights, S = d slices, G = row groups of
+    `_down_kernel`: x read once (M d e: the second read, in `_up_kernel`, hits L2 by design),
+    y written (M d e), weights once (4 (r d + 2 d r/g + 2 d + r)), partials 8 S M r, hd 4 M r:
+    2 M d e + 8 S M r + 4 M r + ~4 (r + 2 r/g + 2) d.
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8): 33,554,432 + 1,048,576 + 65,536
+    + 294,944 = 35.0 MB against the floor 2 M d e = 33.6 MB (+4%).
     """
-    batch, tokens, dim, hidden = _check(x, routing, down_weight, up_weight, up_bias, down_bias=down_bias)
+    batch, tokens, dim, hidden, per_group = _check(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight,
+                                                   up_d_bias, routing, routing_index)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"mm_adapter kernel: dropout_p must be in [0, 1), got {dropout_p}")
     rows = batch * tokens
@@ -350,89 +585,140 @@ def mm_adapter_forward(
     hd = empty((batch, tokens, hidden), torch.float32, x.device)
     if rows == 0:
         return y, hd
-    row_blocks = triton.cdiv(rows, block_m)
-    _, k_pad = _pads(hidden)
-    _mm_adapter_fwd_kernel[(min(row_blocks, programs or row_blocks),)](
-        x, routing, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
-        up_bias.contiguous(), y, hd,
-        rows, tokens, dim, hidden,
-        x.stride(0), x.stride(1), x.stride(2), routing.stride(0), routing.stride(1),
-        float(scale), float(dropout_p), _seed_tensor(seed, x.device) if dropout_p > 0 else x,  # x: never read
-        HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_D=block_d, K_PAD=k_pad,
-        PRECISION=_precision(x.dtype, precision), num_warps=num_warps, num_stages=num_stages,
-    )
+    cfg = launch_config(x, config)
+    programs = cfg["waves"] * _target.sm_count(x.device, cfg["sms"])
+    r_pad, k_pad = _pads(hidden)
+    down_weight, down_bias = down_weight.contiguous(), down_bias.contiguous()      # no copy for parameters
+    weights = [w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias)]
+    index, stride_ib, stride_in = _index_args(routing, routing_index, x)
+    seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
+    slices = triton.cdiv(dim, width)
+    part = empty((slices, rows, hidden), torch.float32, x.device)
+    col_blocks = triton.cdiv(dim, cfg["block_d_up"])
+    streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for row0, row1 in _chunks(rows, dim, x.element_size(), cfg):
+        groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
+        _down_kernel[(slices, groups)](
+            x, down_weight, part, row0, row1, rows, tokens, dim, hidden, per_group_blocks,
+            x.stride(0), x.stride(1), x.stride(2),
+            BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32,
+            PRECISION=_precision(x.dtype), **streaming,
+        )
+        _hidden_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
+            part, down_bias, hd, row0, row1, rows, hidden, slices, float(dropout_p), seed_t,
+            HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
+        )
+        up_groups, up_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
+        _up_kernel[(col_blocks, up_groups)](
+            x, routing, index, hd, *weights, y,
+            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, routing.shape[0], up_blocks,
+            x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, routing.stride(0), routing.stride(1),
+            float(scale),
+            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],
+            K_PAD=k_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32, num_warps=cfg["num_warps_up"],
+            num_stages=cfg["num_stages"],
+        )
     return y, hd
 
 
 def mm_adapter_backward(
-    dy: Tensor, x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor, up_bias: Tensor,
-    hd: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None, *,
-    block_m: int = 16, block_d_rows: int = 64, block_d_cols: int = 64, row_groups: int | None = None,
-    num_warps: int = 8, num_stages: int = 3, precision: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward. dy, x [B, N, d] (any strides); hd [B, N, r] fp32 from the forward.
-    Returns dx [B, N, d] in x's dtype, then fp32 d routing [B, 2], d down_weight [r, d],
-    d down_bias [r], d up_weight [2, d, r] (dense), d up_bias [2, d].
+    dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor, up_d_weight: Tensor,
+    up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
+    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, config: dict | None = None,
+) -> tuple[Tensor, ...]:
+    """Launch the backward. dy, x [B, N, d] (any strides); the weights, routing and index as in
+    `mm_adapter_forward`; hd [B, N, r] fp32 from the forward. Returns dx [B, N, d] in x's dtype,
+    then fp32 gradients of routing (the table's shape: each table row gets the sum over the rows
+    that read it), down_weight [r, d], down_bias [r], up_b_weight [d, r/g], up_b_bias [d],
+    up_d_weight [d, r/g], up_d_bias [d].
 
-    Kernel 1 takes block_m rows x block_d_rows columns per step; kernel 2 block_m rows x
-    block_d_cols columns, in row_groups groups (None: about two waves of programs on a GPU).
-    Defaults chosen as in the forward (spill-free on sm_90, untimed).
-
-    HBM bytes, M = B N, e = element size, G = row groups: kernel 1 reads dy (M d e); kernel 2
-    reads dy and x and writes dx (3 M d e); per row, dh (written, read twice), hd (read twice)
-    and dw (written, read) add M (20 r + 16); the fp32 partials are written and summed once,
-    8 G (3 r + 2) d, plus 4 (3 r + 2) d for the sums; weights 4 (3 r d + 2 d):
-    4 M d e + M (20 r + 16) + (8 G + 4) (3 r + 2) d + 12 r d + 8 d.
-    B=4, N=512, d=4096, r=8, bf16, H100 (G=5): 67,108,864 + 360,448 + 4,685,824 + 425,984
-    = 72.6 MB. The floor is 3 M d e = 50.3 MB: dh needs a whole row of dy before any dx can be
-    written, so dy is read twice (once from L2 at best, as in the forward, when a problem's dy
-    fits there).
+    HBM bytes, M = B N, e = element size, S = d slices, G = row groups of `_cols_kernel`
+    (about one wave over its d / block_d_cols column blocks): dy read once (the second read hits
+    L2 by design), x read, dx written (3 M d e); the partials of dy U (8 S M (2 r + 2)); hd, dh,
+    dw (4 M (3 r + 4)); the weight-gradient partials written and summed once
+    (4 (2 G + 1) (r d + 2 d r/g + 2 d + r)); the weights (4 (r + 2 r/g + 2) d):
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8, G=3): 50,331,648 + 2,359,296 + 229,376
+    + 2,064,608 + 294,912 = 55.3 MB against the floor 3 M d e = 50.3 MB (+10%).
     """
-    batch, tokens, dim, hidden = _check(x, routing, down_weight, up_weight, up_bias, dy=dy)
+    batch, tokens, dim, hidden, per_group = _check(x, down_weight, None, up_b_weight, up_b_bias, up_d_weight,
+                                                   up_d_bias, routing, routing_index, dy=dy)
     if tuple(hd.shape) != (batch, tokens, hidden) or hd.dtype != torch.float32 or not hd.is_contiguous():
         raise ValueError(f"mm_adapter kernel: hd must be a contiguous fp32 [{batch}, {tokens}, {hidden}] "
                          f"(the forward's), got {hd.dtype} {tuple(hd.shape)}")
     rows = batch * tokens
     device = x.device
     dx = empty(tuple(x.shape), x.dtype, device)
+    total = hidden * dim + 2 * dim * per_group + 2 * dim + hidden
     if rows == 0:
-        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
-        return dx, zeros(batch, 2), zeros(hidden, dim), zeros(hidden), zeros(2, dim, hidden), zeros(2, dim)
+        zeros = [g.zero_() for g in _gradient_buffers(hidden, dim, per_group, device)]
+        d_routing = torch.zeros(routing.shape, dtype=torch.float32, device=device)
+        return (dx, d_routing, zeros[0], zeros[5], zeros[1], zeros[3], zeros[2], zeros[4])
+    cfg = launch_config(x, config)
+    sms = _target.sm_count(device, cfg["sms"])
+    programs = cfg["waves"] * sms
     r_pad, k_pad = _pads(hidden)
-    row_blocks, col_blocks = triton.cdiv(rows, block_m), triton.cdiv(dim, block_d_cols)
-    if row_groups is None:  # few partials under the interpreter
-        row_groups = 2 if _interpreting() else triton.cdiv(2 * _sm_count(device.index or 0), col_blocks)
-    blocks_per_group = triton.cdiv(row_blocks, max(1, min(row_groups, row_blocks)))
-    row_groups = triton.cdiv(row_blocks, blocks_per_group)  # no empty group
-    precision = _precision(x.dtype, precision)
-    down_weight, up_weight, up_bias = down_weight.contiguous(), up_weight.contiguous(), up_bias.contiguous()
+    dot16 = cfg["dot16"] and x.dtype != torch.float32
+    precision = _precision(x.dtype)
+    down_weight = down_weight.contiguous()
+    b_weight, d_weight, b_bias, d_bias = (w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias))
+    index, stride_ib, stride_in = _index_args(routing, routing_index, x)
+    seed_t = _seed_tensor(seed, device) if dropout_p > 0 else x                    # x: never read
     has_dropout = dropout_p > 0
-
+    d_group = dim // (hidden // per_group)
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
+    slices = triton.cdiv(dim, width)
+    col_blocks = triton.cdiv(dim, cfg["block_d_cols"])
+    chunks = _chunks(rows, dim, dy.element_size(), cfg)
+    # One wave of `_cols_kernel` per chunk: its programs each write a row of partials.
+    col_groups = [_groups(triton.cdiv(row1 - row0, cfg["block_m_cols"]), col_blocks, sms) for row0, row1 in chunks]
+    part_dhw = empty((slices, rows, 2 * hidden + 2), torch.float32, device)
     dh = empty((rows, hidden), torch.float32, device)
     dw_rows = empty((rows, 2), torch.float32, device)
-    _mm_adapter_bwd_rows_kernel[(row_blocks,)](
-        dy, routing, up_weight, up_bias, hd, dh, dw_rows,
-        rows, tokens, dim, hidden,
-        dy.stride(0), dy.stride(1), dy.stride(2), routing.stride(0), routing.stride(1),
-        float(scale), float(dropout_p), _seed_tensor(seed, x.device) if dropout_p > 0 else x,  # x: never read
-        HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d_rows, K_PAD=k_pad,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
-    )
-    da_part = empty((row_groups, hidden, dim), torch.float32, device)
-    du_part = empty((row_groups, 2 * hidden, dim), torch.float32, device)
-    dub_part = empty((row_groups, 2, dim), torch.float32, device)
-    _mm_adapter_bwd_cols_kernel[(col_blocks, row_groups)](
-        dy, x, routing, down_weight, hd, dh, dx, da_part, du_part, dub_part,
-        rows, tokens, dim, hidden, blocks_per_group,
-        dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
-        routing.stride(0), routing.stride(1),
-        float(scale),
-        BLOCK_M=block_m, BLOCK_D=block_d_cols, R_PAD=r_pad, K_PAD=k_pad, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    d_routing = dw_rows.view(batch, tokens, 2).sum(1)
-    d_up_weight = du_part.sum(0).view(2, hidden, dim).transpose(1, 2).contiguous()
-    return dx, d_routing, da_part.sum(0), dh.sum(0), d_up_weight, dub_part.sum(0)
+    part = empty((sum(g for g, _ in col_groups), total), torch.float32, device)
+    streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    routing_args = (routing.shape[0],)
+    group0 = 0
+    for (row0, row1), (groups, per_group_blocks) in zip(chunks, col_groups):
+        slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
+        _dhw_kernel[(slices, slice_groups)](
+            dy, b_weight, d_weight, b_bias, d_bias, part_dhw,
+            row0, row1, rows, tokens, dim, hidden, d_group, per_group, slice_blocks,
+            dy.stride(0), dy.stride(1), dy.stride(2),
+            BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, K_PAD=k_pad, PRECISION=precision, **streaming,
+        )
+        _dh_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
+            part_dhw, routing, index, hd, dh, dw_rows,
+            row0, row1, rows, tokens, hidden, slices, *routing_args, stride_ib, stride_in,
+            routing.stride(0), routing.stride(1), float(scale), float(dropout_p), seed_t,
+            HAS_INDEX=routing_index is not None, HAS_DROPOUT=has_dropout, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
+        )
+        _cols_kernel[(col_blocks, groups)](
+            dy, x, routing, index, down_weight, hd, dh, dx, part,
+            row0, row1, tokens, dim, hidden, d_group, per_group, *routing_args, per_group_blocks, group0, total,
+            dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in,
+            routing.stride(0), routing.stride(1), float(scale),
+            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
+            R_PAD=r_pad, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, num_warps=cfg["num_warps_cols"],
+            num_stages=cfg["num_stages"],
+        )
+        group0 += groups
+    grads = _gradient_buffers(hidden, dim, per_group, device)
+    _reduce_kernel[(triton.cdiv(total, cfg["block_reduce"]),)](
+        part, *grads, group0, total, hidden, dim, per_group, BLOCK=cfg["block_reduce"])
+    if routing_index is None:
+        d_routing = dw_rows.view(batch, tokens, 2).sum(1)
+    else:
+        d_routing = torch.zeros(routing.shape, dtype=torch.float32, device=device).index_add_(
+            0, routing_index.reshape(rows).long(), dw_rows)
+    return (dx, d_routing, grads[0], grads[5], grads[1], grads[3], grads[2], grads[4])
+
+
+def _gradient_buffers(hidden: int, dim: int, per_group: int, device: torch.device) -> list[Tensor]:
+    """`_reduce_kernel`'s outputs, in its order: d down_weight [r, d], d up_b_weight [d, r/g],
+    d up_d_weight [d, r/g], d up_b_bias [d], d up_d_bias [d], d down_bias [r] (fp32)."""
+    shapes = ((hidden, dim), (dim, per_group), (dim, per_group), (dim,), (dim,), (hidden,))
+    return [empty(shape, torch.float32, device) for shape in shapes]
 
 
 def dropout_mask(seed: int | Tensor, batch: int, tokens: int, hidden: int, p: float,
@@ -455,61 +741,73 @@ def dropout_mask(seed: int | Tensor, batch: int, tokens: int, hidden: int, p: fl
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("lavin_fast::mm_adapter_fwd", mutates_args=())
-def _fwd_op(x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-            up_bias: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    return mm_adapter_forward(x, routing, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed)
+def _fwd_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+            up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, scale: float,
+            dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    return mm_adapter_forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                              routing_index, scale, dropout_p, seed)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, routing, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed):
+def _fwd_fake(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
+              scale, dropout_p, seed):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     return y, x.new_empty((*x.shape[:2], down_weight.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("lavin_fast::mm_adapter_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x: Tensor, routing: Tensor, down_weight: Tensor, up_weight: Tensor,
-            up_bias: Tensor, hd: Tensor, scale: float, dropout_p: float, seed: Tensor | None
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, dropout_p, seed)
+def _bwd_op(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor, up_d_weight: Tensor,
+            up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
+            dropout_p: float, seed: Tensor | None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                               routing_index, hd, scale, dropout_p, seed)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, dropout_p, seed):
+def _bwd_fake(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd,
+              scale, dropout_p, seed):
     f32 = functools.partial(x.new_empty, dtype=torch.float32)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), f32(routing.shape),
-            f32(down_weight.shape), f32(down_weight.shape[:1]), f32(up_weight.shape), f32(up_bias.shape))
+            f32(down_weight.shape), f32(down_weight.shape[:1]), f32(up_b_weight.shape), f32(up_b_bias.shape),
+            f32(up_d_weight.shape), f32(up_d_bias.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, routing, down_weight, down_bias, up_weight, up_bias, scale, dropout_p, seed = inputs
+    (x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
+     scale, dropout_p, seed) = inputs
     _, hd = output
-    ctx.save_for_backward(x, routing, down_weight, up_weight, up_bias, hd, seed)
+    ctx.save_for_backward(x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                          routing_index, hd, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.dtypes = [t.dtype for t in (routing, down_weight, down_bias, up_weight, up_bias)]
+    ctx.dtypes = [t.dtype for t in (routing, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias)]
     ctx.mark_non_differentiable(hd)
 
 
 def _backward(ctx, dy: Tensor, _dhd: Tensor):
-    x, routing, down_weight, up_weight, up_bias, hd, seed = ctx.saved_tensors
-    dx, *grads = _bwd_op(dy, x, routing, down_weight, up_weight, up_bias, hd,
-                         ctx.scale, ctx.dropout_p, seed)
-    grads = [g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-    return (dx, *grads, None, None, None)
+    x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, seed = ctx.saved_tensors
+    dx, d_routing, *d_weights = _bwd_op(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                                        routing_index, hd, ctx.scale, ctx.dropout_p, seed)
+    d_routing, *d_weights = [g.to(dtype) for g, dtype in zip((d_routing, *d_weights), ctx.dtypes)]
+    return (dx, *d_weights, d_routing, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mm_adapter(x: Tensor, routing: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
-               up_bias: Tensor, scale: float, dropout_p: float = 0.0, seed: int | Tensor | None = None) -> Tensor:
-    """The fused MM-Adapter, differentiable in x, routing and the four weight tensors.
+def mm_adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+               up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None = None,
+               scale: float = 1.0, dropout_p: float = 0.0, seed: int | Tensor | None = None) -> Tensor:
+    """The fused MM-Adapter, differentiable in x, every weight and bias, and the routing table.
 
-    x [B, N, d] fp32/fp16/bf16; routing [B, 2]; down_weight [r, d]; down_bias [r];
-    up_weight [2, d, r] (dense); up_bias [2, d]; dropout on h with probability dropout_p, mask
-    from `seed` (see `dropout_mask`; an int, or a one-element integer tensor, e.g. drawn with
-    `torch.randint` on x's device, which keeps `torch.compile` graphs whole). Returns y
-    [B, N, d] in x's dtype.
+    x [B, N, d] fp32/fp16/bf16; down_weight [r, d]; down_bias [r]; up_b_weight, up_d_weight
+    [d, r/g] (grouped); up_b_bias, up_d_bias [d]; routing [T, 2] with routing_index int [B, N]
+    in [0, T), or routing [B, 2] and routing_index None; dropout on h with probability
+    dropout_p, mask from `seed` (see `dropout_mask`; an int, or a one-element integer tensor,
+    e.g. drawn with `torch.randint` on x's device, which keeps `torch.compile` graphs whole).
+    Returns y [B, N, d] in x's dtype.
     """
-    y, _ = _fwd_op(x, routing, down_weight, down_bias, up_weight, up_bias, float(scale), float(dropout_p),
-                  _seed_tensor(seed, x.device) if dropout_p > 0 else None)
+    y, _ = _fwd_op(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                   routing_index, float(scale), float(dropout_p),
+                   _seed_tensor(seed, x.device) if dropout_p > 0 else None)
     return y

@@ -46,13 +46,13 @@ Public: `visual_neck` (the differentiable op), `visual_neck_forward` / `visual_n
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,30 +81,50 @@ def _hidden(pre_ptr, rows, units, M, H, SWIGLU: tl.constexpr):
 @triton.jit
 def _fwd_pre_kernel(
     x_ptr, w1_ptr, b1_ptr, pre_ptr,
-    M, D_IN, H1, stride_xm, stride_xk,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    M, D_IN, H1, K_PER_SPLIT, stride_xm, stride_xk,
+    ADD_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """pre = x W1^T + b1 (fp32), grid (row blocks, H1 chunks): one [BLOCK_M, BLOCK_H] tile per
-    program, looping over d_in in BLOCK_K steps. W1 [H1, d_in] and b1 [H1] contiguous.
+    """pre = x W1^T + b1 (fp32), grid (row blocks, H1 chunks, d_in splits): one [BLOCK_M,
+    BLOCK_H] tile per program over its K_PER_SPLIT columns of d_in, in BLOCK_K steps. One split:
+    writes pre (ADD_BIAS). Several (the split over d_in that fills the GPU at LaVIN's few rows):
+    writes the split's partial pre_ptr[split] of [splits, M, H1], which `_fwd_pre_sum_kernel`
+    adds up with b1. W1 [H1, d_in] and b1 [H1] contiguous.
 
     HBM bytes: x (M d_in e) + W1 (H1 d_in w) + b1 (4 H1) read once (re-reads of x by the H1
-    chunks and of W1 by the row blocks hit L2), pre written (4 M H1)."""
+    chunks and of W1 by the row blocks hit L2), pre (or each split's partial) written
+    (4 M H1 splits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok, unit_ok = rows < M, units < H1
     x_row = rows.to(tl.int64) * stride_xm
+    k_first = tl.program_id(2) * K_PER_SPLIT
+    k_last = tl.minimum(k_first + K_PER_SPLIT, D_IN)
     acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
+    for k0 in range(k_first, k_last, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < D_IN
+        col_ok = cols < k_last
         x = tl.load(x_ptr + x_row[:, None] + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         w1_t = tl.load(w1_ptr + units[None, :].to(tl.int64) * D_IN + cols[:, None],      # [BLOCK_K, BLOCK_H]
                        mask=col_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(x, w1_t, acc, input_precision=PRECISION)
-    acc += tl.load(b1_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(pre_ptr + rows.to(tl.int64)[:, None] * H1 + units[None, :], acc,
-             mask=row_ok[:, None] & unit_ok[None, :])
+    if ADD_BIAS:
+        acc += tl.load(b1_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
+    out = pre_ptr + tl.program_id(2).to(tl.int64) * M * H1
+    tl.store(out + rows.to(tl.int64)[:, None] * H1 + units[None, :], acc, mask=row_ok[:, None] & unit_ok[None, :])
+
+
+@triton.jit
+def _fwd_pre_sum_kernel(part_ptr, b1_ptr, pre_ptr, M, H1, SPLITS, BLOCK_E: tl.constexpr):
+    """pre = sum_splits part + b1, elementwise over the M H1 entries (splits ascending:
+    deterministic). HBM bytes: 4 M H1 (splits + 1) + 4 H1."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = e < M * H1
+    acc = tl.load(b1_ptr + e % H1, mask=ok, other=0.0).to(tl.float32)
+    for split in range(0, SPLITS):
+        acc += tl.load(part_ptr + split * M * H1 + e, mask=ok, other=0.0)
+    tl.store(pre_ptr + e, acc, mask=ok)
 
 
 @triton.jit
@@ -271,10 +291,6 @@ def _bwd_in_kernel(
 # Host side: checks, block sizes, launches
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _precision(dtype: torch.dtype, precision: str | None) -> str:
     """tl.dot input precision per x dtype (see the module docstring)."""
     if precision is not None:
@@ -282,21 +298,37 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
     return {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}[dtype]
 
 
-def _block_sizes(rows: int, block_m: int | None, block_n: int | None, block_h: int | None,
-                 block_k: int | None) -> tuple[int, int, int, int]:
-    """Fill in defaults (small under the interpreter, where each program costs ~1 ms) and check
-    that every block is a power of two >= 16 (the least tl.dot dimension on a GPU)."""
-    small = _interpreting()
+def _block_sizes(x: Tensor, rows: int, block_m: int | None, block_n: int | None, block_h: int | None,
+                 block_k: int | None, backward: bool = False) -> tuple[int, int, int, int]:
+    """Fill in defaults and check that every block is a power of two >= 16 (the least tl.dot
+    dimension on a GPU). Under the interpreter (~1 ms per program) few, large programs. On a GPU
+    (or compiling for one) the defaults keep every kernel spill-free in every dtype on sm_80 and
+    sm_90 (ptxas -v, offline) and give the launches at ViT batches 16-32 (M = 96-192 rows) at
+    least a wave on 132 SMs: 16 rows per block, 16 hidden units per program for `_bwd_out` /
+    `_bwd_in`, 32 d_in columns for `_bwd_dx` / `_bwd_in`; `_fwd_pre` splits d_in on top (see
+    `_pre_splits`). `_bwd_out` in fp32 (ieee) and fp16 (tf32x3 products) spills at 128 d_out columns:
+    64 there."""
+    small = _target.arch(x.device) == "interpreter"
+    wide = 64 if backward and x.dtype != torch.bfloat16 else 128
     blocks = dict(
-        block_m=block_m or min(32, max(16, triton.next_power_of_2(rows))),
-        block_n=block_n or (32 if small else 128),
-        block_h=block_h or 32,
-        block_k=block_k or (32 if small else 64),
+        block_m=block_m or (min(32, max(16, triton.next_power_of_2(rows))) if small else 16),
+        block_n=block_n or (32 if small else wide),
+        block_h=block_h or (32 if small else 16),
+        block_k=block_k or 32,
     )
     for name, size in blocks.items():
         if size < 16 or size & (size - 1):
             raise ValueError(f"visual_neck kernel: {name} must be a power of two >= 16, got {size}")
     return blocks["block_m"], blocks["block_n"], blocks["block_h"], blocks["block_k"]
+
+
+def _pre_splits(x: Tensor, tiles: int, d_in: int, block_k: int, split_k: int | None) -> int:
+    """d_in splits of `_fwd_pre_kernel`: enough for a wave of programs on the GPU (one under the
+    interpreter), at most one per BLOCK_K columns."""
+    if split_k is None:
+        sms = _target.sm_count(x.device, _target.DEFAULT_SMS.get(_target.arch(x.device), 1))
+        split_k = triton.cdiv(sms, tiles)
+    return max(1, min(split_k, triton.cdiv(d_in, block_k)))
 
 
 def _check(x: Tensor, in_weight: Tensor, out_weight: Tensor, activation: str, in_bias: Tensor | None = None,
@@ -326,7 +358,7 @@ def _check(x: Tensor, in_weight: Tensor, out_weight: Tensor, activation: str, in
             raise ValueError(f"{op}: {name} has dtype {tensor.dtype}; the kernel takes {KERNEL_DTYPES}")
         if tensor.device != x.device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not _target.interpreting():
         raise RuntimeError(f"{op}: tensors on {x.device} need a CUDA device or TRITON_INTERPRET=1")
     rows = x.numel() // d_in
     return rows, d_in, hidden, in_rows, d_out
@@ -335,22 +367,24 @@ def _check(x: Tensor, in_weight: Tensor, out_weight: Tensor, activation: str, in
 def visual_neck_forward(
     x: Tensor, in_weight: Tensor, in_bias: Tensor, out_weight: Tensor, out_bias: Tensor, activation: str, *,
     block_m: int | None = None, block_n: int | None = None, block_h: int | None = None,
-    block_k: int | None = None, num_warps: int = 4, precision: str | None = None,
+    block_k: int | None = None, split_k: int | None = None, num_warps: int = 4, precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward. x [..., d_in] (any strides, fp32/fp16/bf16); in_weight [H1, d_in];
     in_bias [H1]; out_weight [d_out, h]; out_bias [d_out] (H1 = h, or 2h for swiglu).
     Returns y [..., d_out] in x's dtype and pre [..., H1] fp32 (what the backward needs).
 
     Blocks: block_m rows, block_n d_out columns, block_h hidden units, block_k d_in columns
-    (powers of two >= 16; untuned defaults, benchmarks sweep them).
+    (powers of two >= 16; untuned defaults, benchmarks sweep them); split_k: d_in splits of
+    `_fwd_pre` (None: enough for a wave of programs on a GPU, see `_pre_splits`).
 
-    HBM bytes, M rows, e = x's element size, w = the weights' (4 for fp32):
-        _fwd_pre: M d_in e + H1 d_in w + 4 H1 + 4 M H1
+    HBM bytes, M rows, e = x's element size, w = the weights' (4 for fp32), S = d_in splits:
+        _fwd_pre: M d_in e + H1 d_in w + 4 H1 + 4 M H1 (+ 8 S M H1 for S > 1: the partials
+                  written and summed by `_fwd_pre_sum_kernel`, mostly in L2)
         _fwd_out: 4 M H1 + d_out h w + 4 d_out + M d_out e
-    M = 192 (6 x 32), d_in = 1024, h = 128, d_out = 4096, bf16 x, fp32 weights, silu:
-    1,016,320 + 3,784,704 = 4,801,024 B (swiglu: 1,639,424 + 3,883,008 = 5,522,432 B). The floor
-    (x, weights and biases read once, y written once) is 4,604,416 B (swiglu 5,129,216 B); the
-    excess is pre, written once and read once.
+    M = 192 (6 x 32), d_in = 1024, h = 128, d_out = 4096, bf16 x, fp32 weights, silu, S = 1:
+    1,016,320 + 3,784,704 = 4,801,024 B (swiglu: 1,639,424 + 3,883,008 = 5,522,432 B); sm_90
+    defaults (S = 2 silu) add 393,216 B. The floor (x, weights and biases read once, y written
+    once) is 4,604,416 B (swiglu 5,129,216 B); the excess is pre, written once and read once.
     """
     rows, d_in, hidden, in_rows, d_out = _check(x, in_weight, out_weight, activation, in_bias, out_bias)
     lead = tuple(x.shape[:-1])
@@ -358,14 +392,25 @@ def visual_neck_forward(
     pre = empty((*lead, in_rows), torch.float32, x.device)
     if rows == 0:
         return y, pre
-    block_m, block_n, block_h, block_k = _block_sizes(rows, block_m, block_n, block_h, block_k)
+    block_m, block_n, block_h, block_k = _block_sizes(x, rows, block_m, block_n, block_h, block_k)
     precision = _precision(x.dtype, precision)
     x2 = x.reshape(rows, d_in)
-    _fwd_pre_kernel[(triton.cdiv(rows, block_m), triton.cdiv(in_rows, block_h))](
-        x2, in_weight.contiguous(), in_bias.contiguous(), pre,
-        rows, d_in, in_rows, x2.stride(0), x2.stride(1),
-        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k, PRECISION=precision, num_warps=num_warps,
+    in_bias = in_bias.contiguous()
+    tiles = (triton.cdiv(rows, block_m), triton.cdiv(in_rows, block_h))
+    splits = _pre_splits(x, tiles[0] * tiles[1], d_in, block_k, split_k)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
+    splits = triton.cdiv(d_in, k_per_split)                                   # none empty
+    out = pre if splits == 1 else empty((splits, rows, in_rows), torch.float32, x.device)
+    _fwd_pre_kernel[(*tiles, splits)](
+        x2, in_weight.contiguous(), in_bias, out,
+        rows, d_in, in_rows, k_per_split, x2.stride(0), x2.stride(1),
+        ADD_BIAS=splits == 1, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps,
     )
+    if splits > 1:
+        block_e = 1024
+        _fwd_pre_sum_kernel[(triton.cdiv(rows * in_rows, block_e),)](
+            out, in_bias, pre, rows, in_rows, splits, BLOCK_E=block_e, num_warps=num_warps)
     _fwd_out_kernel[(triton.cdiv(rows, block_m), triton.cdiv(d_out, block_n))](
         pre, out_weight.contiguous(), out_bias.contiguous(), y,
         rows, hidden, d_out,
@@ -411,8 +456,8 @@ def visual_neck_backward(
     if rows == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
         return dx, zeros(in_rows, d_in), zeros(in_rows), zeros(d_out, hidden), zeros(d_out)
-    block_m, block_n, block_h, block_k = _block_sizes(rows, block_m, block_n, block_h, block_k)
-    block_e = block_e or (128 if _interpreting() else 256)
+    block_m, block_n, block_h, block_k = _block_sizes(x, rows, block_m, block_n, block_h, block_k, backward=True)
+    block_e = block_e or (128 if _target.interpreting() else 256)
     precision = _precision(x.dtype, precision)
     swiglu = activation == "swiglu"
     x2, dy2 = x.reshape(rows, d_in), dy.reshape(rows, d_out)

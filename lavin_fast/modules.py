@@ -67,12 +67,16 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
-    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
-        gradient). The weights used are kept, detached, in `self.last_routing` (None when N = 0
-        and nothing was routed: the output is then empty)."""
+        gradient); with `routing_index` (int [B, N]) `weights` is a table [T, 2] of which row
+        (b, n) reads weights[routing_index[b, n]] (see `ops.mm_adapter`). The weights used are
+        kept, detached, in `self.last_routing` (None when N = 0 and nothing was routed: the
+        output is then empty)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
+        if routing_index is not None and weights is None:
+            raise ValueError("MMAdapter: routing_index needs weights, the routing table it indexes")
         if weights is None:
             if x.shape[1] == 0:   # no first token to route on, and no token to adapt
                 self.last_routing = None
@@ -85,6 +89,7 @@ class MMAdapter(nn.Module):
             self.conv_B.weight, self.conv_B.bias,
             self.conv_D.weight, self.conv_D.bias,
             weights,
+            routing_index=routing_index,
             groups=self.groups,
             scale=self.scale,
             dropout=self.dropout if self.training else 0.0,

@@ -79,6 +79,7 @@ def mm_adapter(
     conv_D_bias: Tensor,
     routing: Tensor,
     *,
+    routing_index: Tensor | None = None,
     groups: int = 2,
     scale: float = 1.0,
     dropout: float = 0.0,
@@ -86,9 +87,16 @@ def mm_adapter(
     """The MM-Adapter on tensors held by the caller, in the reference's parameter shapes.
 
     x: [B, N, d]; conv_A_weight [r, d, 1], conv_A_bias [r]; conv_B_weight and conv_D_weight
-    [d, r/groups, 1] (grouped 1x1 convolutions), their biases [d]; routing [B, 2] (e.g. from
-    `reference.route`). `dropout` is the probability of zeroing a hidden unit (0 in eval).
-    Returns y [B, N, d] in x's dtype; differentiable in x, every weight and `routing`.
+    [d, r/groups, 1] (grouped 1x1 convolutions), their biases [d]; routing: a table [T, 2] of
+    routing weights (e.g. from `reference.route`). Row (b, n) of x reads routing[b] when
+    routing_index is None (then routing is [B, 2]), else routing[routing_index[b, n]]
+    (routing_index: int32/int64 [B, N] with values in [0, T); checked, which syncs a CUDA
+    device once per call): padded batches pass row // N, packed rows their sample, per-token
+    routing arange(B*N) into a [B*N, 2] table. `dropout` is the probability of zeroing a hidden
+    unit (0 in eval). Under `torch.autocast` the op runs in the autocast dtype (x cast to it, the
+    weights read as they are). Returns y [B, N, d] in x's dtype (the autocast dtype under
+    autocast); differentiable in x, every weight and `routing` (each table row's gradient sums
+    the rows that read it).
     """
     op = "mm_adapter"
     if x.dim() != 3:
@@ -108,7 +116,10 @@ def mm_adapter(
     for name, weight, bias in (("conv_B", conv_B_weight, conv_B_bias), ("conv_D", conv_D_weight, conv_D_bias)):
         _expect_shape(op, f"{name}_weight", weight, (dim, hidden // groups, 1))
         _expect_shape(op, f"{name}_bias", bias, (dim,))
-    _expect_shape(op, "routing", routing, (batch, 2))
+    if routing_index is None:
+        _expect_shape(op, "routing", routing, (batch, 2))
+    else:
+        _check_routing_index(op, routing_index, routing, x)
     tensors = dict(
         conv_A_weight=conv_A_weight, conv_A_bias=conv_A_bias, conv_B_weight=conv_B_weight,
         conv_B_bias=conv_B_bias, conv_D_weight=conv_D_weight, conv_D_bias=conv_D_bias,
@@ -117,10 +128,10 @@ def mm_adapter(
     _expect_floating(op, x=x, **tensors)
     _expect_same_device(op, x, **tensors)
 
+    if torch.is_autocast_enabled(x.device.type):
+        # The autocast rule of this op: x in the autocast dtype, the weights as they are.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     down_weight = conv_A_weight.squeeze(-1)                                       # [r, d]
-    up_weight = torch.stack([reference.grouped_to_dense(conv_B_weight, groups),
-                             reference.grouped_to_dense(conv_D_weight, groups)])  # [2, d, r]
-    up_bias = torch.stack([conv_B_bias, conv_D_bias])                             # [2, d]
 
     if select_backend(x) == "triton":
         from lavin_fast.kernels.mm_adapter import mm_adapter as fused
@@ -128,12 +139,36 @@ def mm_adapter(
         # Drawn on the device by torch's generator: reproducible under torch.manual_seed, and
         # traceable, so torch.compile keeps the graph whole when dropout is on.
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0 else None
-        return fused(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, dropout, seed)
+        # The grouped weights as they are stored ([d, r/groups] views): no dense copy per call.
+        return fused(x, down_weight, conv_A_bias, conv_B_weight.squeeze(-1), conv_B_bias, conv_D_weight.squeeze(-1),
+                     conv_D_bias, routing, routing_index, scale, dropout, seed)
+    up_weight = torch.stack([reference.grouped_to_dense(conv_B_weight, groups),
+                             reference.grouped_to_dense(conv_D_weight, groups)])  # [2, d, r]
+    up_bias = torch.stack([conv_B_bias, conv_D_bias])                             # [2, d]
     mask = None
     if dropout > 0:
         keep = torch.empty(batch, tokens, hidden, device=x.device).bernoulli_(1.0 - dropout)
         mask = keep / (1.0 - dropout)
-    return reference.mm_adapter(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, mask)
+    return reference.mm_adapter(x, routing, down_weight, conv_A_bias, up_weight, up_bias, scale, mask,
+                                routing_index=routing_index)
+
+
+def _check_routing_index(op: str, routing_index: Tensor, routing: Tensor, x: Tensor) -> None:
+    """routing_index: integer [B, N] on x's device with every value a row of the table routing
+    [T, 2]; anything else is a ValueError (an out-of-range index would read past the table)."""
+    batch, tokens = x.shape[:2]
+    if routing.dim() != 2 or routing.shape[1] != 2 or routing.shape[0] == 0:
+        raise ValueError(f"{op}: routing must be a table [rows, 2] when routing_index is given, "
+                         f"got {tuple(routing.shape)}")
+    if routing_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: routing_index must be int32 or int64, got {routing_index.dtype}")
+    _expect_shape(op, "routing_index", routing_index, (batch, tokens))
+    _expect_same_device(op, x, routing_index=routing_index)
+    if routing_index.numel():
+        low, high = (int(v) for v in torch.aminmax(routing_index))
+        if low < 0 or high >= routing.shape[0]:
+            raise ValueError(f"{op}: routing_index values must be in [0, {routing.shape[0]}) (rows of routing), "
+                             f"got values in [{low}, {high}]")
 
 
 def visual_neck(

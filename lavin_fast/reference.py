@@ -44,15 +44,17 @@ def mm_adapter(
     up_bias: Tensor,
     scale: float,
     dropout_mask: Tensor | None = None,
+    routing_index: Tensor | None = None,
 ) -> Tensor:
     """The routed MM-Adapter (paper Eq. 3-4, REFERENCE.md section 1), in dense form.
 
         h = (x A^T + a) * m                                   [B, N, r]
         y = x + s * sum_e w_e * (h U_e^T + u_e)               [B, N, d]
 
-    x: [B, N, d]; routing w: [B, E]; down_weight A: [r, d]; down_bias a: [r];
-    up_weight U: [E, d, r] (each expert's block-diagonal up-projection made dense);
-    up_bias u: [E, d]; dropout_mask m: [B, N, r] holding 0 or 1/(1-p) (None: no dropout).
+    x: [B, N, d]; routing w: [B, E], row b's weights, or with routing_index (integer [B, N]) a
+    table [T, E] of which row (b, n) reads routing[routing_index[b, n]]; down_weight A: [r, d];
+    down_bias a: [r]; up_weight U: [E, d, r] (each expert's block-diagonal up-projection made
+    dense); up_bias u: [E, d]; dropout_mask m: [B, N, r] holding 0 or 1/(1-p) (None: no dropout).
 
     Written as one product with K = E*r: sum_e w_e h U_e^T = [w_0 h, .., w_{E-1} h] [U_0^T; ..].
     """
@@ -61,11 +63,12 @@ def mm_adapter(
     if dropout_mask is not None:
         h = h * dropout_mask.to(dtype)
     w = routing.to(dtype)
+    w = w[:, None, :] if routing_index is None else w[routing_index]       # [B, N or 1, E]
     experts, d, r = up_weight.shape
-    routed_h = (w[:, None, :, None] * h[:, :, None, :]).flatten(2)          # [B, N, E*r]
+    routed_h = (w[..., None] * h[:, :, None, :]).flatten(2)                # [B, N, E*r]
     up = up_weight.to(dtype).transpose(1, 2).reshape(experts * r, d)       # [E*r, d]
-    routed_bias = w @ up_bias.to(dtype)                                     # [B, d]
-    return x + scale * (routed_h @ up + routed_bias[:, None, :])
+    routed_bias = w @ up_bias.to(dtype)                                     # [B, N or 1, d]
+    return x + scale * (routed_h @ up + routed_bias)
 
 
 def visual_neck(

@@ -25,10 +25,10 @@ from lavin_fast.kernels._alloc import empty
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-GRAD_NAMES = ("x", "routing", "down_weight", "down_bias", "up_weight", "up_bias")
+PARAM_NAMES = ("x", "down_weight", "down_bias", "up_b_weight", "up_b_bias", "up_d_weight", "up_d_bias", "routing")
 # The rounding allowance (helpers.assert_close_to_oracle): 1 step for y and dx, 2 for the
 # gradients summed over all rows (added up in another order by design: row blocks, row groups,
-# host sums), each step relative to the size of the terms, from the reference run on absolute
+# d slices), each step relative to the size of the terms, from the reference run on absolute
 # values. 500 random fp32 problems needed at most 0.7 of a step.
 ROW_SUM_ULPS = 2
 
@@ -48,9 +48,24 @@ def backend(name):
 # Kernel entry against reference.mm_adapter
 # ----------------------------------------------------------------------------------------------
 
-def make_problem(batch, tokens, dim, hidden, dtype, seed, layout="contiguous"):
+def make_index(kind, batch, tokens, gen):
+    """(routing_index, table rows) of a routing mode: None (row b reads routing[b]), the
+    padded-batch index row // N, per-token rows, or an arbitrary index with repeats and unused
+    table rows."""
+    if kind == "none":
+        return None, batch
+    if kind == "per_sample":
+        return torch.arange(batch)[:, None].expand(batch, tokens).to(DEVICE), batch
+    if kind == "per_token":
+        return torch.arange(batch * tokens, dtype=torch.int32).view(batch, tokens).to(DEVICE), batch * tokens
+    table = batch * tokens + 3
+    return torch.randint(0, table - 2, (batch, tokens), generator=gen).to(DEVICE), table   # 2 rows never read
+
+
+def make_problem(batch, tokens, dim, hidden, dtype, seed, layout="contiguous", groups=2, index="none"):
     """Random inputs as a user holds them: x and dy in `dtype` (with the drawn memory layout),
-    parameters and routing in fp32, up-projections non-zero so every gradient is non-trivial."""
+    parameters and the routing table in fp32, the up-projections grouped and non-zero so every
+    gradient is non-trivial. Returns (params in the kernel's order, routing_index, dy)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
@@ -63,38 +78,56 @@ def make_problem(batch, tokens, dim, hidden, dtype, seed, layout="contiguous"):
             return randn(batch, tokens, 2 * dim).to(dtype)[..., ::2]
         return randn(batch, tokens, dim).to(dtype)
 
+    routing_index, table = make_index(index, batch, tokens, gen)
+    per_group = hidden // groups
     params = dict(
         x=activation(),
-        routing=torch.softmax(randn(batch, 2, std=2.0), dim=-1),
         down_weight=randn(hidden, dim, std=dim ** -0.5),
         down_bias=randn(hidden, std=0.5),
-        up_weight=randn(2, dim, hidden, std=hidden ** -0.5),
-        up_bias=randn(2, dim, std=0.5),
+        up_b_weight=randn(dim, per_group, std=per_group ** -0.5),
+        up_b_bias=randn(dim, std=0.5),
+        up_d_weight=randn(dim, per_group, std=per_group ** -0.5),
+        up_d_bias=randn(dim, std=0.5),
+        routing=torch.softmax(randn(table, 2, std=2.0), dim=-1),
     )
-    return params, activation()
+    return params, routing_index, activation()
 
 
-def reference_run(params, dy, scale, mask, dtype=None):
-    """reference.mm_adapter forward + backward; dtype=float64 for the oracle, None for the
-    baseline (the plain op in the inputs' own dtypes)."""
+def reference_run(params, routing_index, dy, scale, mask, dtype=None):
+    """reference.mm_adapter forward + backward on the grouped weights made dense (their
+    gradient lands on the grouped blocks); dtype=float64 for the oracle, None for the baseline
+    (the plain op in the inputs' own dtypes)."""
     leaves = {k: (v.to(dtype) if dtype else v).detach().requires_grad_() for k, v in params.items()}
+    groups = leaves["down_weight"].shape[0] // leaves["up_b_weight"].shape[1]
+    up_weight = torch.stack([reference.grouped_to_dense(leaves[name][..., None], groups)
+                             for name in ("up_b_weight", "up_d_weight")])
+    up_bias = torch.stack([leaves["up_b_bias"], leaves["up_d_bias"]])
     m = None if mask is None else mask.to(dtype or torch.float32)
-    y = reference.mm_adapter(*leaves.values(), scale, m)
+    y = reference.mm_adapter(leaves["x"], leaves["routing"], leaves["down_weight"], leaves["down_bias"],
+                             up_weight, up_bias, scale, m, routing_index=routing_index)
     y.backward(dy.to(dtype) if dtype else dy)
     return y, {k: v.grad for k, v in leaves.items()}
 
 
-def assert_matches_reference(params, dy, scale, p, seed, y, grads):
+def assert_matches_reference(params, routing_index, dy, scale, p, seed, y, grads):
     mask = kernel.dropout_mask(seed, *params["x"].shape[:2], params["down_bias"].shape[0], p, DEVICE) if p else None
-    y64, grads64 = reference_run(params, dy, scale, mask, torch.float64)
-    y_base, grads_base = reference_run(params, dy, scale, mask)
-    y_abs, grads_abs = reference_run({k: v.abs() for k, v in params.items()}, dy.abs(), scale, mask, torch.float64)
+    y64, grads64 = reference_run(params, routing_index, dy, scale, mask, torch.float64)
+    y_base, grads_base = reference_run(params, routing_index, dy, scale, mask)
+    y_abs, grads_abs = reference_run({k: v.abs() for k, v in params.items()}, routing_index, dy.abs(), scale, mask,
+                                     torch.float64)
     assert y.dtype == params["x"].dtype
     assert_close_to_oracle("y", y, y64, y_base, magnitude=y_abs.max().item())
-    for name in GRAD_NAMES:
+    for name in PARAM_NAMES:
         assert grads[name].dtype == params[name].dtype, name
         assert_close_to_oracle(f"d {name}", grads[name], grads64[name], grads_base[name], ulps=ulps(name),
                                magnitude=grads_abs[name].max().item())
+
+
+def kernel_run(params, routing_index, dy, scale, p, seed):
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    y = kernel.mm_adapter(*leaves.values(), routing_index, scale, p, seed)
+    y.backward(dy)
+    return y, {k: v.grad for k, v in leaves.items()}
 
 
 def at_least(examples):
@@ -107,8 +140,8 @@ def at_least(examples):
 BIG = torch.cuda.is_available()
 shapes = dict(
     batch=st.integers(1, 3),
-    tokens=st.sampled_from([1, 2, 5, 17, 33] + ([512] if BIG else [])),
-    dim=st.sampled_from([3, 16, 40, 130, 1000] + ([4096, 5120] if BIG else [])),
+    tokens=st.sampled_from([1, 2, 5, 17, 37] + ([512] if BIG else [])),
+    dim=st.sampled_from([4, 16, 40, 132, 1000] + ([4096, 5120] if BIG else [])),
     hidden=st.sampled_from([4, 8, 12, 16]),
     scale=st.floats(0.05, 4.0),
     seed=st.integers(0, 2**31 - 2),
@@ -117,50 +150,95 @@ shapes = dict(
 
 @at_least(30)
 @given(**shapes, dtype=st.sampled_from(DTYPES), p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
-       layout=st.sampled_from(["contiguous", "contiguous", "sequence_first", "strided"]))
+       layout=st.sampled_from(["contiguous", "contiguous", "sequence_first", "strided"]),
+       groups=st.sampled_from([1, 2, 2]), index=st.sampled_from(["none", "none", "per_token", "arbitrary"]))
 def test_kernel_forward_and_every_gradient_match_the_reference(batch, tokens, dim, hidden, scale, seed,
-                                                               dtype, p, layout):
-    params, dy = make_problem(batch, tokens, dim, hidden, dtype, seed, layout)
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    y = kernel.mm_adapter(*leaves.values(), scale, p, seed)
-    y.backward(dy)
-    assert_matches_reference(params, dy, scale, p, seed, y, {k: v.grad for k, v in leaves.items()})
+                                                               dtype, p, layout, groups, index):
+    params, routing_index, dy = make_problem(batch, tokens, dim, hidden, dtype, seed, layout, groups, index)
+    y, grads = kernel_run(params, routing_index, dy, scale, p, seed)
+    assert_matches_reference(params, routing_index, dy, scale, p, seed, y, grads)
+
+
+@pytest.mark.parametrize("index", ["per_sample", "per_token", "arbitrary"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routing_index_reads_each_rows_table_entry_and_sums_its_gradient(index, dtype):
+    """Padded batches (row // N), per-token routing (arange into [B*N, 2]) and an arbitrary
+    index with repeats and unused table rows (whose gradient must be exactly 0); N = 37, d = 1000."""
+    params, routing_index, dy = make_problem(2, 37, 1000, 8, dtype, seed=21, index=index)
+    y, grads = kernel_run(params, routing_index, dy, 0.8, 0.1, 4)
+    assert_matches_reference(params, routing_index, dy, 0.8, 0.1, 4, y, grads)
+    unused = torch.ones(params["routing"].shape[0], dtype=torch.bool, device=DEVICE)
+    unused[routing_index.reshape(-1).long()] = False
+    assert torch.equal(grads["routing"][unused], torch.zeros_like(grads["routing"][unused]))
+    assert (index == "arbitrary") == bool(unused.any())
+
+
+def test_per_sample_index_equals_no_index():
+    params, routing_index, dy = make_problem(3, 5, 40, 8, torch.float32, seed=8, index="per_sample")
+    y, grads = kernel_run(params, routing_index, dy, 1.1, 0.2, 3)
+    y_none, grads_none = kernel_run(params, None, dy, 1.1, 0.2, 3)
+    torch.testing.assert_close(y, y_none, rtol=0, atol=0)
+    for name in PARAM_NAMES:
+        torch.testing.assert_close(grads[name], grads_none[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 @at_least(12)
-@given(**shapes, block_m=st.sampled_from([16, 32]), block_d=st.sampled_from([16, 32, 128]),
-       block_d_cols=st.sampled_from([16, 32, 64]), programs=st.sampled_from([None, 1, 2]),
-       row_groups=st.sampled_from([1, 2, 5]), p=st.sampled_from([0.0, 0.3]))
-def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidden, scale, seed, block_m, block_d,
-                                                       block_d_cols, programs, row_groups, p):
-    params, dy = make_problem(batch, tokens, dim, hidden, torch.float32, seed)
-    y, hd = kernel.mm_adapter_forward(*params.values(), scale, p, seed, block_m=block_m, block_d=block_d,
-                                      programs=programs)
-    x, routing, down_weight, _, up_weight, up_bias = params.values()
-    outputs = kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, scale, p, seed,
-                                         block_m=block_m, block_d_rows=block_d, block_d_cols=block_d_cols,
-                                         row_groups=row_groups)
-    assert_matches_reference(params, dy, scale, p, seed, y, dict(zip(GRAD_NAMES, outputs)))
+@given(**shapes, block_m=st.sampled_from([16, 32]), block_slice=st.sampled_from([64, 128, 256]),
+       block_m_up=st.sampled_from([16, 32]), block_d_up=st.sampled_from([16, 64]),
+       block_m_cols=st.sampled_from([16, 32]), block_d_cols=st.sampled_from([16, 32, 64]),
+       block_rows=st.sampled_from([16, 64]), chunk_bytes=st.sampled_from([1, 4096, 1 << 30]),
+       waves=st.sampled_from([1, 4]), p=st.sampled_from([0.0, 0.3]))
+def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidden, scale, seed, block_m, block_slice,
+                                                       block_m_up, block_d_up, block_m_cols, block_d_cols, block_rows,
+                                                       chunk_bytes, waves, p):
+    """Block-size keys of the table as a `config=` override: slices, row groups and chunks of any
+    size (chunk_bytes 1: one block of rows per chunk)."""
+    params, routing_index, dy = make_problem(batch, tokens, dim, hidden, torch.float32, seed, index="arbitrary")
+    config = dict(block_m=block_m, block_slice=block_slice, block_m_up=block_m_up, block_d_up=block_d_up,
+                  block_m_cols=block_m_cols, block_d_cols=block_d_cols, block_rows=block_rows,
+                  chunk_bytes=chunk_bytes, waves=waves)
+    y, hd = kernel.mm_adapter_forward(*params.values(), routing_index, scale, p, seed, config=config)
+    x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
+    dx, d_routing, *d_weights = kernel.mm_adapter_backward(
+        dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, scale, p,
+        seed, config=config)
+    grads = dict(zip(PARAM_NAMES, (dx, *d_weights, d_routing)))
+    assert_matches_reference(params, routing_index, dy, scale, p, seed, y, grads)
+
+
+def test_block_size_table_covers_every_arch_and_dtype_with_the_same_keys():
+    keys = {tuple(sorted(config)) for config in kernel.BLOCK_CONFIGS.values()}
+    assert len(keys) == 1
+    assert {arch for arch, _ in kernel.BLOCK_CONFIGS} == {"sm80", "sm90", "interpreter"}
+    for arch in ("sm80", "sm90", "interpreter"):
+        for dtype in ("float32", "float16", "bfloat16"):
+            config = kernel.BLOCK_CONFIGS[(arch, dtype)]
+            assert config["num_stages"] >= 3 and config["block_m"] >= 16, (arch, dtype)
+    x = torch.randn(1, 2, 8, device=DEVICE)
+    expected_arch = "interpreter" if DEVICE == "cpu" else ("sm90" if torch.cuda.get_device_capability()[0] >= 9
+                                                           else "sm80")
+    assert kernel.launch_config(x) == kernel.BLOCK_CONFIGS[(expected_arch, "float32")]
+    assert kernel.launch_config(x, dict(block_d_cols=32))["block_d_cols"] == 32
+    with pytest.raises(ValueError, match=r"unknown config keys \['block_q'\]"):
+        kernel.launch_config(x, dict(block_q=1))
 
 
 @requires_cuda
 @at_least(40)
 @given(**shapes, p=st.sampled_from([0.0, 0.1]))
 def test_kernel_bf16_on_gpu(batch, tokens, dim, hidden, scale, seed, p):
-    params, dy = make_problem(batch, tokens, dim, hidden, torch.bfloat16, seed)
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    y = kernel.mm_adapter(*leaves.values(), scale, p, seed)
-    y.backward(dy)
-    assert_matches_reference(params, dy, scale, p, seed, y, {k: v.grad for k, v in leaves.items()})
+    params, routing_index, dy = make_problem(batch, tokens, dim, hidden, torch.bfloat16, seed)
+    y, grads = kernel_run(params, routing_index, dy, scale, p, seed)
+    assert_matches_reference(params, routing_index, dy, scale, p, seed, y, grads)
 
 
 def test_a_broadcast_upstream_gradient_is_read_through_its_strides():
     """y.sum().backward() hands the backward an expanded dy whose strides are all 0."""
-    params, _ = make_problem(2, 5, 40, 8, torch.float32, seed=3)
+    params, _, _ = make_problem(2, 5, 40, 8, torch.float32, seed=3)
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    kernel.mm_adapter(*leaves.values(), 1.5, 0.0, 0).sum().backward()
+    kernel.mm_adapter(*leaves.values(), None, 1.5).sum().backward()
     dy = torch.ones_like(params["x"])
-    assert_matches_reference(params, dy, 1.5, 0.0, 0, kernel.mm_adapter(*params.values(), 1.5, 0.0, 0),
+    assert_matches_reference(params, None, dy, 1.5, 0.0, 0, kernel.mm_adapter(*params.values(), None, 1.5),
                              {k: v.grad for k, v in leaves.items()})
 
 
@@ -189,14 +267,12 @@ def test_dropout_mask_keeps_the_right_fraction_and_follows_the_seed():
 def test_dropout_in_the_kernel_changes_y_and_replays_in_the_backward():
     """p > 0 against the reference fed the exported mask (y and every gradient), and p = 0 against
     no dropout at all."""
-    params, dy = make_problem(2, 9, 130, 8, torch.float32, seed=11)
+    params, _, dy = make_problem(2, 9, 130, 8, torch.float32, seed=11)
     for p, seed in ((0.25, 5), (0.0, 5)):
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        y = kernel.mm_adapter(*leaves.values(), 1.0, p, seed)
-        y.backward(dy)
-        assert_matches_reference(params, dy, 1.0, p, seed, y, {k: v.grad for k, v in leaves.items()})
-    no_dropout = kernel.mm_adapter(*params.values(), 1.0, 0.0, 5)
-    assert not torch.equal(kernel.mm_adapter(*params.values(), 1.0, 0.25, 5), no_dropout)
+        y, grads = kernel_run(params, None, dy, 1.0, p, seed)
+        assert_matches_reference(params, None, dy, 1.0, p, seed, y, grads)
+    no_dropout = kernel.mm_adapter(*params.values(), None, 1.0, 0.0, 5)
+    assert not torch.equal(kernel.mm_adapter(*params.values(), None, 1.0, 0.25, 5), no_dropout)
 
 
 def test_module_dropout_zero_in_training_equals_eval_and_p_draws_a_fresh_mask_per_call():
@@ -387,29 +463,22 @@ def test_identity_at_init_and_last_routing(name):
         assert torch.equal(module.last_routing, weights.detach())
 
 
-def test_grouped_up_projections_get_the_blocks_of_the_dense_gradient():
-    """groups=2: hidden units [0, r/2) feed channels [0, d/2) only. The kernel returns a dense
-    [d, r] gradient per expert (non-zero off the blocks); each grouped weight must receive
-    exactly its block, and nothing off the blocks may ever train."""
-    dim, hidden = 64, 8
-    module = randomized(MMAdapter(dim, hidden_dim=hidden, groups=2)).to(DEVICE).eval()
-    x = torch.randn(2, 5, dim, device=DEVICE)
-    with backend("triton"):
-        module(x).square().sum().backward()
+def test_kernel_path_reads_the_grouped_weights_without_building_dense_ones():
+    """No block_diag / stack of the weights per call (every decode token paid for it): the
+    kernels read conv_B / conv_D in their grouped form."""
+    module = randomized(MMAdapter(64, hidden_dim=8, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, 64, device=DEVICE)
 
-    up_weight = torch.stack([reference.grouped_to_dense(c.weight.detach(), 2) for c in (module.conv_B, module.conv_D)])
-    dense = [module.conv_A.weight.detach().squeeze(-1), module.conv_A.bias.detach(), up_weight.requires_grad_(),
-             torch.stack([module.conv_B.bias.detach(), module.conv_D.bias.detach()])]
-    routing = module.last_routing
-    kernel.mm_adapter(x, routing, dense[0], dense[1], dense[2], dense[3], 1.0, 0.0, 0).square().sum().backward()
-    half_d, half_r = dim // 2, hidden // 2
-    for expert, conv in enumerate((module.conv_B, module.conv_D)):
-        full = up_weight.grad[expert]                                              # [d, r]
-        assert full[:half_d, half_r:].abs().min() > 0 and full[half_d:, :half_r].abs().min() > 0
-        blocks = torch.cat([full[:half_d, :half_r], full[half_d:, half_r:]])      # [d, r/2]
-        torch.testing.assert_close(conv.weight.grad.squeeze(-1), blocks, rtol=1e-5, atol=1e-6)
-        stepped = reference.grouped_to_dense(conv.weight.detach() - conv.weight.grad, 2)
-        assert stepped[:half_d, half_r:].abs().max() == 0 and stepped[half_d:, :half_r].abs().max() == 0
+    def refuse(*args, **kwargs):
+        raise AssertionError("dense weights built on the kernel path")
+
+    with backend("triton"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "grouped_to_dense", refuse)
+        patch.setattr(torch, "block_diag", refuse)
+        patch.setattr(torch, "stack", refuse)
+        y = module(x)
+    with backend("torch"):
+        torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,33 +488,35 @@ def test_grouped_up_projections_get_the_blocks_of_the_dense_gradient():
 def test_outputs_start_poisoned_so_unwritten_elements_fail():
     assert os.environ.get("LAVIN_FAST_POISON") == "1"
     assert torch.isnan(empty((4, 3), torch.float32, torch.device(DEVICE))).all()
-    params, dy = make_problem(3, 17, 1000, 8, torch.float32, seed=2)      # ragged in rows and d
-    y, hd = kernel.mm_adapter_forward(*params.values(), 1.0, 0.1, 9)
-    x, routing, down_weight, _, up_weight, up_bias = params.values()
-    outputs = kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd, 1.0, 0.1, 9,
-                                         row_groups=3)
-    for name, tensor in zip(("y", "hd", *GRAD_NAMES), (y, hd, *outputs)):
+    params, routing_index, dy = make_problem(3, 17, 1000, 8, torch.float32, seed=2, index="arbitrary")  # ragged
+    y, hd = kernel.mm_adapter_forward(*params.values(), routing_index, 1.0, 0.1, 9)
+    x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
+    outputs = kernel.mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                                         routing_index, hd, 1.0, 0.1, 9)
+    for name, tensor in zip(("y", "hd", "x", "routing", *PARAM_NAMES[1:-1]), (y, hd, *outputs)):
         assert torch.isfinite(tensor).all(), name
 
 
-def test_op_registration_passes_opcheck():
+@pytest.mark.parametrize("index", ["none", "arbitrary"])
+def test_op_registration_passes_opcheck(index):
     """Schema, autograd registration, fake tensors and AOT dispatch of both ops (torch.library)."""
-    params, dy = make_problem(2, 3, 20, 8, torch.float32, seed=4)
+    params, routing_index, dy = make_problem(2, 3, 20, 8, torch.float32, seed=4, index=index)
     leaves = [v.detach().requires_grad_() for v in params.values()]
     seed = torch.tensor([17])
-    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.2, seed))
-    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, 1.3, 0.0, None))
-    x, routing, down_weight, _, up_weight, up_bias = params.values()
-    _, hd = kernel.mm_adapter_forward(*params.values(), 1.3, 0.2, seed)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, routing_index, 1.3, 0.2, seed))
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, routing_index, 1.3, 0.0, None))
+    x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
+    _, hd = kernel.mm_adapter_forward(*params.values(), routing_index, 1.3, 0.2, seed)
     torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
-                          (dy, x, routing, down_weight, up_weight, up_bias, hd, 1.3, 0.2, seed))
+                          (dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
+                           hd, 1.3, 0.2, seed))
 
 
 def compiled_matches_eager(backend_name):
-    params, dy = make_problem(2, 9, 40, 8, torch.float32, seed=6)
+    params, routing_index, dy = make_problem(2, 9, 40, 8, torch.float32, seed=6, index="per_token")
 
-    def step(x, routing, down_weight, down_bias, up_weight, up_bias):
-        return kernel.mm_adapter(x, routing, down_weight, down_bias, up_weight, up_bias, 0.5, 0.2, 123)
+    def step(*tensors):
+        return kernel.mm_adapter(*tensors, routing_index, 0.5, 0.2, 123)
 
     results = []
     for fn in (step, torch.compile(step, backend=backend_name, fullgraph=True)):
@@ -453,7 +524,7 @@ def compiled_matches_eager(backend_name):
         y = fn(*leaves)
         y.backward(dy)
         results.append([y, *(t.grad for t in leaves)])
-    for name, eager, compiled in zip(("y", *GRAD_NAMES), *results):
+    for name, eager, compiled in zip(("y", *PARAM_NAMES), *results):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=name)
 
 
@@ -543,20 +614,99 @@ def test_triton_path_rejects_dtypes_the_kernel_does_not_take():
 
 
 def test_kernel_host_functions_check_their_preconditions():
-    params, dy = make_problem(2, 3, 20, 8, torch.float32, seed=1)
-    x, routing, down_weight, down_bias, up_weight, up_bias = params.values()
-    with pytest.raises(ValueError, match=r"up_weight must have shape \(2, 20, 8\)"):
-        kernel.mm_adapter_forward(x, routing, down_weight, down_bias, up_weight[:, :, :4], up_bias, 1.0)
+    params, routing_index, dy = make_problem(2, 3, 20, 8, torch.float32, seed=1)
+    x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
+    weights = (down_weight, down_bias, up_b_weight, up_b_bias)
+    with pytest.raises(ValueError, match=r"up_d_weight must have shape \(20, 4\)"):
+        kernel.mm_adapter_forward(x, *weights, up_d_weight[:, :2], up_d_bias, routing, None, 1.0)
     with pytest.raises(ValueError, match=r"down_bias must have shape \(8,\)"):
-        kernel.mm_adapter_forward(x, routing, down_weight, up_bias[0], up_weight, up_bias, 1.0)
+        kernel.mm_adapter_forward(x, down_weight, up_b_bias, *weights[2:], up_d_weight, up_d_bias, routing, None, 1.0)
     with pytest.raises(ValueError, match="dropout_p must be in"):
-        kernel.mm_adapter_forward(*params.values(), 1.0, -0.1)
-    _, hd = kernel.mm_adapter_forward(*params.values(), 1.0)
+        kernel.mm_adapter_forward(*params.values(), None, 1.0, -0.1)
+    with pytest.raises(ValueError, match=r"routing_index must be an int32/int64 \[2, 3\]"):
+        kernel.mm_adapter_forward(*params.values(), torch.zeros(2, 3), 1.0)
+    _, hd = kernel.mm_adapter_forward(*params.values(), None, 1.0)
     with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 20\)"):
-        kernel.mm_adapter_backward(dy[:1], x, routing, down_weight, up_weight, up_bias, hd, 1.0)
+        kernel.mm_adapter_backward(dy[:1], x, down_weight, *weights[2:], up_d_weight, up_d_bias, routing, None, hd, 1.0)
     with pytest.raises(ValueError, match="hd must be a contiguous fp32"):
-        kernel.mm_adapter_backward(dy, x, routing, down_weight, up_weight, up_bias, hd.half(), 1.0)
+        kernel.mm_adapter_backward(dy, x, down_weight, *weights[2:], up_d_weight, up_d_bias, routing, None, hd.half(),
+                                   1.0)
     if DEVICE == "cpu":
         with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             patch.setenv("TRITON_INTERPRET", "0")
-            kernel.mm_adapter_forward(*params.values(), 1.0)
+            kernel.mm_adapter_forward(*params.values(), None, 1.0)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("index, match", [
+    (torch.tensor([[0, 1, 5], [2, 2, 0]]), r"routing_index values must be in \[0, 5\) \(rows of routing\), got values in \[0, 5\]"),
+    (torch.tensor([[0, -1, 1], [2, 2, 0]]), r"values must be in \[0, 5\).*got values in \[-1, 2\]"),
+    (torch.zeros(2, 3), "routing_index must be int32 or int64, got torch.float32"),
+    (torch.zeros(2, 4, dtype=torch.int64), r"routing_index must have shape \(2, 3\)"),
+    (torch.zeros(2, 3, dtype=torch.int64, device="meta"), "routing_index is on meta but x is on cpu"),
+])
+def test_functional_rejects_a_bad_routing_index(backend_name, index, match):
+    with backend(backend_name), pytest.raises(ValueError, match=match):
+        mm_adapter(**functional_args(routing=torch.full((5, 2), 0.5)), routing_index=index)
+    with backend(backend_name), pytest.raises(ValueError, match=r"routing must be a table \[rows, 2\]"):
+        mm_adapter(**functional_args(routing=torch.full((5, 3), 0.5)), routing_index=torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("index", ["per_sample", "per_token", "arbitrary"])
+def test_functional_routing_index_matches_the_conv_reference_per_row(index):
+    """ops.mm_adapter with a routing table and index, both backends, against the reference code's
+    grouped Conv1d run row by row with each row's own routing weights (float64)."""
+    torch.manual_seed(3)
+    module = randomized(MMAdapter(40, hidden_dim=8, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    routing_index, table = make_index(index, 2, 5, torch.Generator().manual_seed(1))
+    routing = torch.softmax(torch.randn(table, 2, device=DEVICE), -1)
+    oracle = copy.deepcopy(module).double()
+    per_row = routing.double()[routing_index.long()].reshape(-1, 2)
+    expected = conv_reference(oracle, x.double().reshape(-1, 1, 40), per_row).reshape(2, 5, 40)
+    for name in ("triton", "torch"):
+        with backend(name):
+            y = mm_adapter(x, module.conv_A.weight, module.conv_A.bias, module.conv_B.weight, module.conv_B.bias,
+                           module.conv_D.weight, module.conv_D.bias, routing, routing_index=routing_index)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_module_passes_a_routing_table_and_index_through():
+    torch.manual_seed(4)
+    module = randomized(MMAdapter(40, hidden_dim=8, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    routing_index, table = make_index("arbitrary", 2, 5, torch.Generator().manual_seed(2))
+    routing = torch.softmax(torch.randn(table, 2, device=DEVICE), -1)
+    with backend("triton"):
+        y = module(x, routing, routing_index)
+        expected = mm_adapter(x, module.conv_A.weight, module.conv_A.bias, module.conv_B.weight, module.conv_B.bias,
+                              module.conv_D.weight, module.conv_D.bias, routing, routing_index=routing_index)
+        with pytest.raises(ValueError, match="routing_index needs weights"):
+            module(x, None, routing_index)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert torch.equal(module.last_routing, routing)
+
+
+@pytest.mark.parametrize("backend_name, dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_runs_the_op_in_the_autocast_dtype(backend_name, dtype):
+    """Under torch.autocast, x is cast to the autocast dtype and the fp32 weights are read as they
+    are: y and dx come out in that dtype, equal to a call on x cast by hand (fp16 for the kernels
+    on CPU: the interpreter cannot do bf16). Before the rule, y came out in fp32."""
+    torch.manual_seed(5)
+    module = randomized(MMAdapter(40, hidden_dim=8, groups=2)).to(DEVICE).eval()
+    x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
+    routing = module.route(x[:, 0]).detach()
+    with backend(backend_name):
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = module(x, routing)
+        assert y.dtype == dtype
+        y.float().square().sum().backward()
+        dx, d_weight = x.grad.clone(), module.conv_B.weight.grad.clone()
+        assert dx.dtype == torch.float32 and d_weight.dtype == torch.float32
+        module.zero_grad()
+        x_cast = x.detach().to(dtype).requires_grad_()
+        expected = module(x_cast, routing)
+        expected.float().square().sum().backward()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dx, x_cast.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(d_weight, module.conv_B.weight.grad, rtol=0, atol=0)
