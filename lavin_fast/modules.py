@@ -9,12 +9,21 @@ from torch import Tensor, nn
 
 from lavin_fast import ops, reference
 
+# How an MMAdapter routes (`routing` argument): "cls" each sample by its own position 0 (the
+# LLaMA's modality token, the ViT's CLS token); "token" every token by its own features;
+# "batch0" token l of every sample by token l of the batch's first sample (the reference's ViT,
+# which runs sequence-first: REFERENCE.md section 2).
+ROUTING_MODES = ("cls", "token", "batch0")
+
 
 class MMAdapter(nn.Module):
     """Mixture-of-Modality adapter: a shared down-projection, two routed up-projections.
 
         w = softmax(expert_weights(x[:, 0]) / temperature)          (unless `weights` is given)
         y = x + scale * (w_0 * conv_B(h) + w_1 * conv_D(h)),  h = dropout(conv_A(x))
+
+    `routing` ("cls", the default, as above; "token" or "batch0", see `ROUTING_MODES`) says
+    which features the router reads: with "token" and "batch0" w is per token, [B, N, 2].
 
     Identity at initialisation (both up-projections start at zero). The state dict is exactly
     the reference's: conv_A.weight [hidden, dim, 1], conv_A.bias [hidden], conv_B.weight and
@@ -31,6 +40,7 @@ class MMAdapter(nn.Module):
         scale: float = 1.0,
         temperature: float = 10.0,
         dropout: float = 0.1,
+        routing: str = "cls",
     ) -> None:
         super().__init__()
         if dim % groups or hidden_dim % groups:
@@ -39,6 +49,9 @@ class MMAdapter(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MMAdapter: dropout must be in [0, 1), got {dropout}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"MMAdapter: routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.routing = routing
         self.dim, self.hidden_dim, self.groups = dim, hidden_dim, groups
         self.scale, self.temperature, self.dropout = scale, temperature, dropout
         self.conv_A = nn.Conv1d(dim, hidden_dim, 1)
@@ -61,14 +74,35 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
+    def routing_weights(self, x: Tensor) -> Tensor:
+        """The router's weights for x [B, N, dim] in this adapter's mode: [B, 2] ("cls") or
+        [B, N, 2] ("token", "batch0")."""
+        if self.routing == "cls":
+            return self.route(x[:, 0])
+        if self.routing == "token":
+            return self.route(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return self.route(x[0]).expand(*x.shape[:2], 2)          # "batch0": sample 0's tokens
+
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
-        """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
-        gradient). The weights used are kept, detached, in `self.last_routing`."""
+        """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] (per sample) or [B, N, 2] (per token)
+        overrides the router (and gets a gradient). The weights used are kept, detached, in
+        `self.last_routing`."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
         if weights is None:
-            weights = self.route(x[:, 0])
+            weights = self.routing_weights(x)
         self.last_routing = weights.detach()
+        if weights.dim() == 3:
+            if weights.shape[:2] != x.shape[:2]:
+                raise ValueError(f"MMAdapter: per-token weights must be {(*x.shape[:2], 2)}, got {tuple(weights.shape)}")
+            # Per-token routing with today's per-sample op: each token its own batch row. The
+            # op's per-row routing index (a table [R, 2] and routing_index [B, N]) replaces this
+            # reshape once it lands.
+            rows = self._adapt(x.reshape(-1, 1, self.dim), weights.reshape(-1, 2))
+            return rows.view(x.shape)
+        return self._adapt(x, weights)
+
+    def _adapt(self, x: Tensor, weights: Tensor) -> Tensor:
         return ops.mm_adapter(
             x,
             self.conv_A.weight, self.conv_A.bias,
@@ -82,7 +116,8 @@ class MMAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, groups={self.groups}, "
-                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")
+                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}, "
+                f"routing={self.routing!r}")
 
 
 class VisualNeck(nn.Module):

@@ -41,6 +41,7 @@ from lavin_fast.collate import Collator, SequenceLayout
 from lavin_fast.images import preprocess
 from lavin_fast.io import atomic_write_text
 from lavin_fast.models.lavin import LaVIN
+from lavin_fast.modules import ROUTING_MODES
 from lavin_fast.tokenizer import Tokenizer
 
 log = logging.getLogger("lavin_fast.train")
@@ -61,6 +62,7 @@ class TrainConfig:
     temperature: float | None = None         # router temperature (preset's: 10 for 7B, 5 for 13B)
     adapter_dropout: float | None = None
     neck_activation: str | None = None       # silu (reference) or swiglu (paper Eq. 6)
+    vit_routing: str | None = None           # token (new runs), cls or batch0; None: the adapters file's
     # data
     data: str = "scienceqa"
     data_root: str | None = None             # ScienceQA folder
@@ -101,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
         if self.bad_samples not in data.BAD_SAMPLES:
             raise ValueError(f"bad_samples must be one of {data.BAD_SAMPLES}, got {self.bad_samples!r}")
+        if self.vit_routing is not None and self.vit_routing not in ROUTING_MODES:
+            raise ValueError(f"vit_routing must be one of {ROUTING_MODES}, got {self.vit_routing!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.effective_batch < 1 or self.micro_batch < 1 or self.epochs < 1:
@@ -196,7 +200,8 @@ def build_model(cfg: TrainConfig, device: torch.device,
         raise ValueError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
                          "only --preset tiny --fake-data makes its own)")
     overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
-                                   ("neck_activation", cfg.neck_activation)) if v is not None}
+                                   ("neck_activation", cfg.neck_activation), ("vit_routing", cfg.vit_routing))
+                 if v is not None}
     model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)
