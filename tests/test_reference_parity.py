@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lavin_fast import MMAdapter
+from lavin_fast import MMAdapter, cli
 from lavin_fast.checkpoints.adapters import load_adapters, read_adapter_config, save_adapters
 from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.collate import Collator, SequenceLayout
@@ -467,6 +467,13 @@ def test_token_is_the_default_and_the_mode_is_an_option():
         TrainConfig(vit_routing="image")
     assert config_from_args(build_parser().parse_args(["--vit-routing", "batch0"])).vit_routing == "batch0"
     assert TrainConfig().vit_routing is None            # None: the adapters file's mode, else token
+    args = cli.build_parser().parse_args(["eval", "--run", "r", "--vit-routing", "batch0", "--reference-decoding"])
+    assert args.vit_routing == "batch0" and args.reference_decoding
+    assert not cli.build_parser().parse_args(["eval", "--run", "r"]).reference_decoding   # opt-in
+    with pytest.raises(ValueError, match="routing must be one of"):
+        MMAdapter(32, routing="image")
+    with pytest.raises(ValueError, match=r"per-token weights must be \(2, 5, 2\)"):
+        MMAdapter(32, routing="token")(torch.randn(2, 5, 32), weights=torch.full((2, 4, 2), 0.5))
     model = tiny_model("token")
     assert all(b.adapter_attn.routing == "token" for b in model.vit.blocks)
     assert all(layer.adapter_attn.routing == "cls" for layer in model.llama.layers)   # the modality token
