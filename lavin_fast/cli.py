@@ -25,8 +25,9 @@ import torch
 
 from lavin_fast import train as training
 from lavin_fast.data import BAD_SAMPLES, SKIPPED_FILE
-from lavin_fast.run_folder import read_run_config
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
+from lavin_fast.modules import ROUTING_MODES
+from lavin_fast.run_folder import read_run_config
 from lavin_fast.scienceqa import SPLITS
 
 
@@ -56,6 +57,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapters", help="Trained adapter weights (default: the run's adapters.safetensors).")
     group.add_argument("--dtype", default="auto", choices=training.CHOICES["dtype"],
                        help=training.HELP["dtype"] + " (default: auto)")
+    group.add_argument("--vit-routing", choices=ROUTING_MODES,
+                       help="Route the ViT's adapters this way even if the adapters were trained with another "
+                            "(default: the adapters file's mode; token for a reference checkpoint; batch0 "
+                            "reproduces the reference's batch coupling).")
 
 
 def _load(args: argparse.Namespace):
@@ -67,7 +72,8 @@ def _load(args: argparse.Namespace):
     else:
         cfg = training.TrainConfig(preset=args.preset or "7b", llama=args.llama, clip=args.clip,
                                    tokenizer=args.tokenizer, adapters=args.adapters, dtype=args.dtype)
-    overrides = {k: getattr(args, k) for k in ("llama", "clip", "tokenizer", "adapters") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("llama", "clip", "tokenizer", "adapters", "vit_routing")
+                 if getattr(args, k)}
     cfg = dataclasses.replace(cfg, **overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = training.build_model(cfg, device)
@@ -85,7 +91,7 @@ def _eval(args: argparse.Namespace) -> None:
     result = evaluate_scienceqa(model, collator, data_root, args.split, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, temperature=args.sampling_temperature,
                                 top_p=args.top_p, seed=args.seed, use_caption=cfg.use_caption, limit=args.limit,
-                                out=out, bad_samples=args.bad_samples)
+                                out=out, bad_samples=args.bad_samples, reference_decoding=args.reference_decoding)
     print(result.table)
     if result.skipped:
         print(f"questions left out for a damaged image: {len(result.skipped)} (not scored; listed in "
@@ -145,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bad-samples", default="error", choices=BAD_SAMPLES,
                           help="A question whose image is damaged: stop before generating (error, the "
                                "default) or leave it out of the scores (skip).")
+    evaluate.add_argument("--reference-decoding", action="store_true",
+                          help="Copy the reference's evaluation: its RoPE positions one off after the prefill, "
+                               "the answer parsed from prompt and answer decoded as one string, the split's own "
+                               "order in batches (for comparing with the paper; combine with --vit-routing batch0).")
     evaluate.set_defaults(func=_eval)
 
     gen = commands.add_parser("generate", parents=[decoding], help="answer one prompt (with an image or not)")

@@ -44,16 +44,23 @@ class EvalResult:
 def evaluate_scienceqa(model: LaVIN, collator: Collator, data_root: str | Path, split: str = "test", *,
                        batch_size: int = 16, max_new_tokens: int = 64, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int = 0, use_caption: bool = False, limit: int | None = None,
-                       out: str | Path | None = None, progress: bool = True, bad_samples: str = "error") -> EvalResult:
+                       out: str | Path | None = None, progress: bool = True, bad_samples: str = "error",
+                       reference_decoding: bool = False) -> EvalResult:
     """Generate, parse and score `split` (its first `limit` questions if given); every image is
-    read first (`data.check_images`: a damaged one is an error, or with "skip" left out)."""
+    read first (`data.check_images`: a damaged one is an error, or with "skip" left out).
+
+    reference_decoding (opt-in, never the default): the reference's evaluation, to compare with
+    the paper: batches of the split in its own order (the reference's batches, which fix both
+    its prefill length and, with vit_routing "batch0", its ViT routing), its decode positions,
+    and the answer parsed from prompt and answer decoded as one string (`generation`)."""
     problems = scienceqa.load_problems(data_root)
     samples = list(scienceqa_samples(data_root, split, use_caption))[:limit]
     checked, skipped = check_images(samples, bad_samples, progress)
     samples = checked.samples
     # Batches of similar prompt lengths: generation steps through the longest prompt of a batch
     # one position at a time past the shortest, so mixed lengths cost decode steps.
-    samples.sort(key=lambda s: len(collator.layout.prompt_tokens(s.prompt, s.image is not None)))
+    if not reference_decoding:
+        samples.sort(key=lambda s: len(collator.layout.prompt_tokens(s.prompt, s.image is not None)))
     out = Path(out) if out is not None else None
     if out is not None and skipped:
         report_skipped(out, skipped)
@@ -62,7 +69,8 @@ def evaluate_scienceqa(model: LaVIN, collator: Collator, data_root: str | Path, 
         chunk = samples[start:start + batch_size]
         images = [collator.image_loader(s.image) if s.image is not None else None for s in chunk]
         outputs = generate(model, collator.layout, [s.prompt for s in chunk], images,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start)
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start,
+                           reference_decoding=reference_decoding)
         for sample, text in zip(chunk, outputs):
             problem = problems[sample.id]
             records[sample.id] = {"output": text, "prediction": scienceqa.parse_answer(text, len(problem["choices"])),

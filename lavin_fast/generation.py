@@ -13,6 +13,12 @@ answer is the answer the prompt gets alone (up to float rounding). Position 0 (t
 the prefill, so each layer's adapter routes there and the cache keeps the weights for every
 later step (they depend on the modality token alone, REFERENCE.md section 3).
 
+`reference_decoding=True` (opt-in, to compare with the paper's numbers) copies the reference's
+decode instead: every position fed after the prefill is rotated at RoPE position i - 1 (its
+cache and its RoPE table disagree by one once the modality token is left out of the cache),
+and `generate` returns the prompt and the answer decoded as one string, as the reference's
+generator does (its evaluation parses the first "The answer is X." of that string).
+
 Decoding is greedy when `temperature == 0`, else temperature and nucleus (top-p) sampling
 from a `torch.Generator` seeded with `seed`. A sample stops at EOS or another of the
 tokenizer's `stop_ids` (not part of its answer), after `max_new_tokens`, or when its sequence
@@ -117,7 +123,8 @@ def _check_inputs(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str],
 
 def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str],
                     images: Sequence[Tensor | None], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int | None = None, return_logits: bool = False) -> Generation:
+                    top_p: float = 1.0, seed: int | None = None, return_logits: bool = False,
+                    reference_decoding: bool = False) -> Generation:
     """Generate answers to `prompts` as token ids (see the module docstring for the scheme).
 
     prompts: B strings (e.g. ScienceQA's "Question: ... Response:"), tokenized by `layout`.
@@ -125,6 +132,7 @@ def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str]
     image samples go through the ViT, stacked in batch order.
     max_new_tokens: at most this many new tokens per prompt (EOS counts as one if reached).
     temperature, top_p, seed: decoding, as in `sample_next_token`; seed=None draws a fresh one.
+    reference_decoding: the reference's RoPE positions after the prefill (module docstring).
     Raises ValueError on malformed inputs or a prompt that leaves no room in `max_seq_len`.
     """
     _check_inputs(model, layout, prompts, images, max_new_tokens, temperature, top_p)
@@ -200,7 +208,7 @@ def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str]
             fed = torch.where(reading[:, None], prompt_embeddings[:, min(position, max(lengths) - 1)],
                               model.llama.tok_embeddings(last))
             hidden = model.llama.hidden_states(embeddings=fed[:, None], start_pos=position, cache=cache,
-                                               isolate_first=True)
+                                               isolate_first=True, rope_offset=-1 if reference_decoding else 0)
             logits = model.llama.output(hidden[:, -1]).float()
 
     return Generation(new_tokens, [str(reason) for reason in reasons],
@@ -210,9 +218,14 @@ def generate_tokens(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str]
 
 def generate(model: LaVIN, layout: SequenceLayout, prompts: Sequence[str], images: Sequence[Tensor | None], *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None) -> list[str]:
+             seed: int | None = None, reference_decoding: bool = False) -> list[str]:
     """The answers to `prompts` as text (EOS dropped); arguments as in `generate_tokens`.
-    ScienceQA's reference decoding is temperature=0.1, top_p=0.75; greedy is the default."""
+    ScienceQA's reference decoding is temperature=0.1, top_p=0.75; greedy is the default.
+    reference_decoding: also each text is the whole sequence after t_m, prompt and answer
+    decoded as one string (the image slots as the unknown piece), as the reference returns it."""
     result = generate_tokens(model, layout, prompts, images, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed)
+                             temperature=temperature, top_p=top_p, seed=seed, reference_decoding=reference_decoding)
+    if reference_decoding:
+        return [layout.tokenizer.decode(layout.prompt_tokens(prompt, image is not None)[1:] + ids)
+                for prompt, image, ids in zip(prompts, images, result.tokens)]
     return [layout.tokenizer.decode(ids) for ids in result.tokens]

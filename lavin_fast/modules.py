@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from lavin_fast import ops, reference
+
+# How an MMAdapter routes (`routing` argument): "cls" each sample by its own position 0 (the
+# LLaMA's modality token, the ViT's CLS token); "token" every token by its own features;
+# "batch0" token l of every sample by token l of the batch's first sample (the reference's ViT,
+# which runs sequence-first: REFERENCE.md section 2).
+ROUTING_MODES = ("cls", "token", "batch0")
 
 
 class MMAdapter(nn.Module):
@@ -17,6 +24,9 @@ class MMAdapter(nn.Module):
 
         w = softmax(expert_weights(x[:, 0]) / temperature)          (unless `weights` is given)
         y = x + scale * (w_0 * conv_B(h) + w_1 * conv_D(h)),  h = dropout(conv_A(x))
+
+    `routing` ("cls", the default, as above; "token" or "batch0", see `ROUTING_MODES`) says
+    which features the router reads: with "token" and "batch0" w is per token, [B, N, 2].
 
     Identity at initialisation (both up-projections start at zero). The state dict is exactly
     the reference's: conv_A.weight [hidden, dim, 1], conv_A.bias [hidden], conv_B.weight and
@@ -33,6 +43,7 @@ class MMAdapter(nn.Module):
         scale: float = 1.0,
         temperature: float = 10.0,
         dropout: float = 0.1,
+        routing: str = "cls",
     ) -> None:
         super().__init__()
         if not (isinstance(groups, int) and groups >= 1):
@@ -45,6 +56,9 @@ class MMAdapter(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MMAdapter: dropout must be in [0, 1), got {dropout}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"MMAdapter: routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.routing = routing
         self.dim, self.hidden_dim, self.groups = dim, hidden_dim, groups
         self.scale, self.temperature, self.dropout = scale, temperature, dropout
         self.conv_A = nn.Conv1d(dim, hidden_dim, 1)
@@ -67,12 +81,21 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
+    def routing_weights(self, x: Tensor) -> Tensor:
+        """The router's weights for x [B, N, dim] in this adapter's mode: [B, 2] ("cls") or
+        [B, N, 2] ("token", "batch0")."""
+        if self.routing == "cls":
+            return self.route(x[:, 0])
+        if self.routing == "token":
+            return self.route(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return self.route(x[0]).expand(*x.shape[:2], 2)          # "batch0": sample 0's tokens
+
     def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None) -> Tensor:
-        """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
-        gradient); with `routing_index` (int [B, N]) `weights` is a table [T, 2] of which row
-        (b, n) reads weights[routing_index[b, n]] (see `ops.mm_adapter`). The weights used are
-        kept, detached, in `self.last_routing` (None when N = 0 and nothing was routed: the
-        output is then empty)."""
+        """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] (per sample) or [B, N, 2] (per token)
+        overrides the router (and gets a gradient); with `routing_index` (int [B, N]) `weights`
+        is a table [T, 2] of which row (b, n) reads weights[routing_index[b, n]] (see
+        `ops.mm_adapter`). The weights used are kept, detached, in `self.last_routing` (None
+        when N = 0 and nothing was routed: the output is then empty)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
         if routing_index is not None and weights is None:
@@ -81,8 +104,15 @@ class MMAdapter(nn.Module):
             if x.shape[1] == 0:   # no first token to route on, and no token to adapt
                 self.last_routing = None
                 return x.clone()
-            weights = self.route(x[:, 0])
+            weights = self.routing_weights(x)
         self.last_routing = weights.detach()
+        if weights.dim() == 3:
+            if routing_index is not None or weights.shape != (*x.shape[:2], 2):
+                raise ValueError(f"MMAdapter: per-token weights must be {(*x.shape[:2], 2)} without a "
+                                 f"routing_index, got {tuple(weights.shape)}")
+            # Per-token routing is a table with one row per token, each token reading its own.
+            routing_index = torch.arange(weights.shape[0] * weights.shape[1], device=x.device).view(x.shape[:2])
+            weights = weights.reshape(-1, 2)
         return ops.mm_adapter(
             x,
             self.conv_A.weight, self.conv_A.bias,
@@ -97,7 +127,8 @@ class MMAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, groups={self.groups}, "
-                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")
+                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}, "
+                f"routing={self.routing!r}")
 
 
 NECK_ACTIVATIONS = ("silu", "swiglu")

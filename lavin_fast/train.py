@@ -44,7 +44,7 @@ from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
 from lavin_fast.models.lavin import PRESETS, LaVIN
-from lavin_fast.modules import NECK_ACTIVATIONS
+from lavin_fast.modules import NECK_ACTIVATIONS, ROUTING_MODES
 from lavin_fast.scienceqa import SPLITS
 from lavin_fast.tokenizer import Tokenizer
 
@@ -70,6 +70,7 @@ class TrainConfig:
     temperature: float | None = None         # router temperature (preset's: 10 for 7B, 5 for 13B)
     adapter_dropout: float | None = None
     neck_activation: str | None = None       # silu (reference) or swiglu (paper Eq. 6)
+    vit_routing: str | None = None           # token (new runs), cls or batch0; None: the adapters file's
     # data
     data: str = "scienceqa"
     data_root: str | None = None             # ScienceQA folder
@@ -141,7 +142,8 @@ def _finite(value) -> bool:
 # The fields with a fixed set of values (None stays allowed where it is the default), and the
 # rules of the others: (field, predicate, what the value must be). Checked by __post_init__.
 CHOICES = {"preset": PRESETS, "data": DATASETS, "split": SPLITS, "image_normalization": tuple(NORMALIZATIONS),
-           "neck_activation": NECK_ACTIVATIONS, "dtype": DTYPES, "bad_samples": data.BAD_SAMPLES}
+           "neck_activation": NECK_ACTIVATIONS, "dtype": DTYPES, "bad_samples": data.BAD_SAMPLES,
+           "vit_routing": ROUTING_MODES}
 _RULES = (
     ("temperature", lambda v: v is None or _finite(v) and v > 0,
      "a finite number > 0 (the router's softmax divides by it)"),
@@ -173,6 +175,9 @@ HELP = {
     "adapter_dropout": "Dropout of the adapters' hidden units, in [0, 1) (default: the preset's).",
     "neck_activation": "Activation of the visual neck: silu (the reference's code) or swiglu (the paper's Eq. 6) "
                        "(default: the preset's, silu).",
+    "vit_routing": "How the ViT's adapters route: token (each token by itself, the reference at batch size 1), "
+                   "cls (each image by its CLS token) or batch0 (the reference's batch coupling) (default: the "
+                   "--adapters file's mode, else token).",
     "data": "Training data: ScienceQA, Alpaca (text only), LLaVA (with images), or chatbot (Alpaca and LLaVA).",
     "data_root": "ScienceQA folder (problems.json, pid_splits.json, images/).",
     "split": "ScienceQA split to train on.",
@@ -320,7 +325,8 @@ def build_model(cfg: TrainConfig, device: torch.device,
         raise UserError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
                          "only --preset tiny --fake-data makes its own)")
     overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
-                                   ("neck_activation", cfg.neck_activation)) if v is not None}
+                                   ("neck_activation", cfg.neck_activation), ("vit_routing", cfg.vit_routing))
+                 if v is not None}
     model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)

@@ -84,6 +84,13 @@ def model() -> LaVIN:
 
 
 @pytest.fixture(scope="module")
+def cls_model() -> LaVIN:
+    """`model`'s weights with vit_routing="cls" (each image routed by its CLS token)."""
+    torch.manual_seed(0)
+    return randomize(LaVIN(LaVINConfig.from_preset("tiny", temperature=1.0, vit_routing="cls"))).eval()
+
+
+@pytest.fixture(scope="module")
 def images(model) -> list[torch.Tensor]:
     size = model.config.vit.image_size
     return [torch.randn(3, size, size, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
@@ -445,7 +452,8 @@ def test_llama_routing_depends_on_the_modality_only(model, layout, images):
     torch.testing.assert_close(model.routing_weights()["llama"][:, 0], routing[:, 1], rtol=0, atol=1e-6)
 
 
-def test_vit_routing_is_per_sample(model, images):
+def test_cls_vit_routing_is_per_sample(cls_model, images):
+    model = cls_model
     with torch.no_grad():
         pair = model.vit(torch.stack(images[:2]))
         routing = model.routing_weights()["vit"]                     # [blocks, 2, 2]
@@ -482,7 +490,7 @@ def test_routing_weights_shapes(model, layout, images):
     weights = model.routing_weights()
     assert set(weights) == {"llama", "vit"}
     assert weights["llama"].shape == (model.config.llama.n_layers, 4, 2)
-    assert weights["vit"].shape == (model.config.vit.taps[-1], 2, 2)
+    assert weights["vit"].shape == (model.config.vit.taps[-1], 2, model.config.vit.grid ** 2 + 1, 2)  # per token
     for w in weights.values():
         torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
         assert (w >= 0).all() and not w.requires_grad

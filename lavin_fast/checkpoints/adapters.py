@@ -9,7 +9,7 @@ Two formats are read, one is written:
   `adapter_modality_embedding.weight`): 3,781,296 values, about 15 MB, for 7B. Its string
   metadata holds the whole `LaVINConfig` as JSON (`config`), and, spelled out, the
   hyper-parameters the tensors do not carry: `adapter_scale`, `temperature`,
-  `neck_activation`; plus a format tag (`format`, `format_version`) and the writing
+  `neck_activation`, `vit_routing`; plus a format tag (`format`, `format_version`) and the writing
   `lavin_fast_version`. Written atomically: a crash leaves the previous file or the new one.
 
 - **reference checkpoint** `checkpoint-E.pth` (REFERENCE.md section 8): a `torch.save` of
@@ -39,6 +39,14 @@ the model keeps its own: the caller must build the config with the temperature t
 checkpoint was trained with (10 for 7B, 5 for 13B: `LaVINConfig.from_preset("7b" | "13b")`).
 The reference's neck is the SiLU one, so a reference file loads only into
 `neck_activation="silu"`.
+
+ViT routing (`LaVINConfig.vit_routing`): a lavin_fast file records the mode its adapters were
+trained with; files written before the mode was recorded have none and were trained with
+"cls" (each image routed by its CLS token), which is what they are read as. A reference
+checkpoint was trained with the reference's routing, which is "token" at batch size 1 and
+"batch0" at larger ones: it loads into a model of either. Loading into a model of any other
+mode is refused, whatever `strict` says, unless the caller names the mode explicitly
+(`load_adapters(..., vit_routing=model's mode)`).
 
 Strictness (`strict=True`, the default): every missing, unexpected or mis-shaped key is an
 error that lists them all in the file's own spelling, and so is every hyper-parameter that
@@ -80,6 +88,10 @@ from lavin_fast.models.lavin import TRAINABLE_MARK, LaVIN, LaVINConfig
 
 FORMAT_TAG = "lavin_fast.adapters"
 FORMAT_VERSION = 1
+# What a lavin_fast file without a recorded vit_routing was trained with (the only routing then).
+UNRECORDED_VIT_ROUTING = "cls"
+# The modes a reference checkpoint's ViT adapters saw: "token" is its routing at batch size 1.
+REFERENCE_VIT_ROUTINGS = ("token", "batch0")
 
 # The reference's globals that `torch.load(weights_only=True)` must let through: the
 # training script's arguments. Nothing that can execute code on unpickling.
@@ -169,6 +181,7 @@ def _metadata(config: LaVINConfig) -> dict[str, str]:
         "adapter_scale": json.dumps(float(config.adapter_scale)),
         "temperature": json.dumps(float(config.temperature)),
         "neck_activation": config.neck_activation,
+        "vit_routing": config.vit_routing,
     }
 
 
@@ -289,10 +302,14 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> LaVINConfi
         raise CheckpointError(f"{path} has adapter format version {version}, written by lavin_fast "
                               f"{metadata.get('lavin_fast_version', '?')}; this lavin_fast reads up to {FORMAT_VERSION}")
     try:
-        config = LaVINConfig.from_dict(json.loads(metadata["config"]))
+        values = json.loads(metadata["config"])
+        if "vit_routing" not in metadata:   # written before the mode was recorded: trained with "cls"
+            values = {**values, "vit_routing": UNRECORDED_VIT_ROUTING}
+        config = LaVINConfig.from_dict(values)
         spelled = {"adapter_scale": float(json.loads(metadata["adapter_scale"])),
                    "temperature": float(json.loads(metadata["temperature"])),
-                   "neck_activation": metadata["neck_activation"]}
+                   "neck_activation": metadata["neck_activation"],
+                   "vit_routing": metadata.get("vit_routing", UNRECORDED_VIT_ROUTING)}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: the lavin_fast metadata is incomplete or unreadable: {error!r}") from error
     for field_name, value in spelled.items():
@@ -445,12 +462,30 @@ def _check_keys(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], sou
                       f"ignored, unknown to the model: {unexpected}", stacklevel=3)
 
 
-def load_adapters(model: LaVIN, path: str | Path, *, strict: bool = True) -> None:
+def _check_vit_routing(model: LaVIN, trained: tuple[str, ...], source: str, override: str | None) -> None:
+    """Refuse adapters trained with another ViT routing than the model's, unless `override`
+    names the model's mode (the caller's explicit choice)."""
+    mode = model.config.vit_routing
+    if override is not None:
+        if override != mode:
+            raise ValueError(f"load_adapters: vit_routing={override!r} was asked for but the model routes its "
+                             f"ViT with {mode!r}; build it with vit_routing={override!r}")
+        return
+    if mode not in trained:
+        raise CheckpointError(
+            f"{source}: its ViT adapters were trained with vit_routing {' or '.join(map(repr, trained))}, the model "
+            f"routes with {mode!r}; build the model with the file's mode, or pass vit_routing={mode!r} "
+            f"(--vit-routing {mode}) to load them anyway (a lavin_fast file that records no mode was "
+            f"trained with {UNRECORDED_VIT_ROUTING!r})")
+
+
+def load_adapters(model: LaVIN, path: str | Path, *, strict: bool = True, vit_routing: str | None = None) -> None:
     """Load a lavin_fast adapter file or a reference `checkpoint-E.pth` into `model`.
 
-    Every check (format, hyper-parameters, keys, shapes) runs before the first value is
-    copied; values go into the existing parameters under torch.no_grad, which keep their
-    dtype and device. See the module docstring for the formats, the mapping and `strict`."""
+    Every check (format, hyper-parameters, ViT routing, keys, shapes) runs before the first
+    value is copied; values go into the existing parameters under torch.no_grad, which keep
+    their dtype and device. See the module docstring for the formats, the mapping, `strict`
+    and `vit_routing` (the model's mode, named to load adapters trained with another)."""
     path = _existing_file(path)
     params = adapter_parameters(model)
     on_meta = [name for name, param in params.items() if param.device.type == "meta"]
@@ -464,6 +499,7 @@ def load_adapters(model: LaVIN, path: str | Path, *, strict: bool = True) -> Non
         stored = _config_from_metadata(metadata, path)
         _report(_differences({name: _config_value(stored, name) for name in _CHECKED}, model.config),
                 source, strict, "hyper-parameters")
+        _check_vit_routing(model, (stored.vit_routing,), source, vit_routing)
         _check_keys(params, found, source, strict)
         mapping = {key: key for key in found if key in params}
     elif kind == "torch":
@@ -475,6 +511,7 @@ def load_adapters(model: LaVIN, path: str | Path, *, strict: bool = True) -> Non
         stored.update({REFERENCE_ARGS[arg]: args[arg] for arg in present})
         labels = {"neck_activation": "the reference's neck", **{REFERENCE_ARGS[arg]: f"args.{arg}" for arg in present}}
         _report(_differences(stored, model.config, labels), source, strict, "hyper-parameters")
+        _check_vit_routing(model, REFERENCE_VIT_ROUTINGS, source, vit_routing)
         # Compare in the file's own spelling, so that every error names the file's keys.
         prefix = "module." if any(key.startswith("module.") for key in found) else ""
         expected = {prefix + to_reference_name(name): param for name, param in params.items()}

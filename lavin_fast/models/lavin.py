@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lavin_fast.collate import IGNORE, Batch
 from lavin_fast.models.llama import KVCache, LlamaConfig, Transformer
 from lavin_fast.models.vit import ViTConfig, VisionTransformer
-from lavin_fast.modules import MMAdapter, VisualNeck
+from lavin_fast.modules import ROUTING_MODES, MMAdapter, VisualNeck
 
 TRAINABLE_MARK = "adapter"
 PRESETS = ("7b", "13b", "tiny")          # the names of LaVINConfig.from_preset
@@ -39,6 +39,14 @@ class LaVINConfig:
 
     temperature: the routers' softmax temperature (10 for 7B, 5 for 13B in the paper); the
     same for the LLaMA's and the ViT's adapters, as in the reference.
+
+    vit_routing: what the ViT's routers read (the LLaMA's always read the modality token):
+    "token" (default): every ViT token by its own features, independent of the rest of the
+    batch; the reference's routing at batch size 1, so what its checkpoints were trained and
+    evaluated with there. "cls": each image by its CLS token (lavin_fast before it recorded
+    the mode). "batch0": token l of every image by token l of the batch's first sample, the
+    reference's quirk at any batch size (its ViT runs sequence-first, REFERENCE.md section 2),
+    only to reproduce its published evaluations.
     """
 
     llama: LlamaConfig = field(default_factory=LlamaConfig)
@@ -50,6 +58,11 @@ class LaVINConfig:
     adapter_dropout: float = 0.1
     neck_hidden: int = 128
     neck_activation: str = "silu"
+    vit_routing: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.vit_routing not in ROUTING_MODES:
+            raise ValueError(f"LaVINConfig: vit_routing must be one of {ROUTING_MODES}, got {self.vit_routing!r}")
 
     @property
     def image_tokens(self) -> int:
@@ -110,9 +123,9 @@ class LaVIN(nn.Module):
         dim, width = config.llama.dim, config.vit.width
         # Adapters are created on the default device; the backbones may live elsewhere (meta).
         for block in self.vit.blocks:
-            block.adapter_attn = self._adapter(width)
+            block.adapter_attn = self._adapter(width, config.vit_routing)
         for layer in self.llama.layers:
-            layer.adapter_attn = self._adapter(dim)
+            layer.adapter_attn = self._adapter(dim, "cls")   # by the modality token
         self.adapter_proj = VisualNeck(width, config.neck_hidden, dim, config.neck_activation)
         self.adapter_modality_embedding = nn.Embedding(2, dim)
         self.freeze_backbone()
@@ -158,8 +171,8 @@ class LaVIN(nn.Module):
         config = dataclasses.replace(base, llama=source.config, vit=vit.config, **overrides)
         with torch.device(device):
             model = cls(config, llama=llama_model, vit=vit)
-        if adapters is not None:
-            load_adapters(model, adapters)
+        if adapters is not None:  # a vit_routing given here is the explicit override load_adapters asks for
+            load_adapters(model, adapters, vit_routing=overrides.get("vit_routing"))
         if parallelize is not None:
             parallelize(model)
         load_llama_weights(model.llama, source, dtype=dtype, device=device)
@@ -177,9 +190,10 @@ class LaVIN(nn.Module):
 
         load_adapters(self, path)
 
-    def _adapter(self, dim: int) -> MMAdapter:
+    def _adapter(self, dim: int, routing: str) -> MMAdapter:
         c = self.config
-        return MMAdapter(dim, c.adapter_hidden, c.adapter_groups, c.adapter_scale, c.temperature, c.adapter_dropout)
+        return MMAdapter(dim, c.adapter_hidden, c.adapter_groups, c.adapter_scale, c.temperature, c.adapter_dropout,
+                         routing)
 
     # ---- what trains -----------------------------------------------------------------------------
 
@@ -232,7 +246,13 @@ class LaVIN(nn.Module):
             end = image_start + self.config.image_tokens
             if end > tokens.shape[1]:
                 raise ValueError(f"LaVIN.embed: image slots {image_start}..{end} do not fit in length {tokens.shape[1]}")
-            visual = self.adapter_proj(self.vit(images)).to(h.dtype)             # [n_images, 6, d]
+            if self.config.vit_routing == "batch0" and not has_image[0]:
+                # The reference runs every sample through its ViT, a text-only one as a zero
+                # image, and routes all by the first: so that zero image routes them here too.
+                images = torch.cat([images.new_zeros(1, *images.shape[1:]), images])
+                visual = self.adapter_proj(self.vit(images)[1:]).to(h.dtype)
+            else:
+                visual = self.adapter_proj(self.vit(images)).to(h.dtype)         # [n_images, 6, d]
             rows = has_image.nonzero().squeeze(1)
             h = h.index_put((rows[:, None], torch.arange(image_start, end, device=h.device)[None, :]), visual)
         else:  # no image went in: the ViT's routing of an earlier batch must not be reported
@@ -263,7 +283,9 @@ class LaVIN(nn.Module):
 
     def routing_weights(self) -> dict[str, Tensor]:
         """The routing weights of the last forward, per adapter stack: "llama" [layers, B, 2]
-        and "vit" [blocks, B_images, 2] (blocks that ran; missing when no image went in)."""
+        and "vit" [blocks, B_images, 2] with vit_routing "cls", [blocks, B_images, tokens, 2]
+        otherwise (blocks that ran; missing when no image went in; with "batch0" and a text-only
+        first sample, its zero image comes first)."""
         weights = {}
         for name, blocks in (("llama", self.llama.layers), ("vit", self.vit.blocks)):
             seen = [b.adapter_attn.last_routing for b in blocks if b.adapter_attn.last_routing is not None]

@@ -322,17 +322,18 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def hidden_states(self, tokens: Tensor | None = None, *, embeddings: Tensor | None = None, start_pos: int = 0,
-                      cache: KVCache | None = None, isolate_first: bool = False) -> Tensor:
+                      cache: KVCache | None = None, isolate_first: bool = False, rope_offset: int = 0) -> Tensor:
         """The final-normed hidden states [B, L, d] of `tokens` [B, L] or of `embeddings`
         [B, L, d] placed at positions start_pos.. (with `cache`, earlier positions are read
-        from it and these are added to it)."""
+        from it and these are added to it). `rope_offset` shifts the rotary positions against
+        the cache's (-1 reproduces the reference's decode steps, REFERENCE.md section 9)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("Transformer: pass exactly one of tokens or embeddings")
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         if h.dim() != 3 or h.shape[-1] != self.config.dim:
             raise ValueError(f"Transformer: expected [batch, length, {self.config.dim}] embeddings, got {tuple(h.shape)}")
         length = h.shape[1]
-        positions = torch.arange(start_pos, start_pos + length, device=h.device)
+        positions = torch.arange(start_pos, start_pos + length, device=h.device) + rope_offset
         cos, sin = rope_angles(self.config.head_dim, positions, self.config.rope_theta, self.config.rope_scaling)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):

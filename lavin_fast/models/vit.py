@@ -142,12 +142,12 @@ class ResidualAttentionBlock(nn.Module):
         x = x + attn(adapter_attn(ln_1(x)))      (adapter_attn skipped when None)
         x = x + mlp(ln_2(x))
 
-    LaVIN puts an MMAdapter in `adapter_attn`; it routes from its input's position 0, which in
-    this batch-first layout is each sample's own CLS token. The reference's ViT is
-    sequence-first ([L, B, W]), so its `x[:, 0]` is the whole sequence of *sample 0*: every
-    sample in a reference batch is routed by sample 0's tokens. lavin_fast does not reproduce
-    that coupling (REFERENCE.md sections 2 and 9): a sample's features never depend on the
-    other samples of its batch.
+    LaVIN puts an MMAdapter in `adapter_attn`, routing as `LaVINConfig.vit_routing` says. The
+    reference's ViT is sequence-first ([L, B, W]), so its `x[:, 0]` is the whole sequence of
+    *sample 0* and its Conv1d takes L as the batch: token l of every sample is routed by token l
+    of sample 0 (REFERENCE.md section 2). "token" routing (each token by itself) is that at
+    batch size 1 without the coupling; "batch0" reproduces the coupling; "cls" routes each
+    sample by its own CLS token.
     """
 
     def __init__(self, config: ViTConfig) -> None:
