@@ -243,6 +243,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+# What a resume never takes from run_config.json: where and how this launch runs.
+RUN_LAYOUT = frozenset({"out", "resume", "overwrite", "dp", "tp", "sequence_parallel", "progress"})
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if getattr(args, "config", None):
@@ -268,7 +272,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # A resume continues the stored recipe: what neither --config nor a flag gives comes from
         # run_config.json, so `--resume --out RUN` alone is enough (a differing value is refused).
         stored = run_folder.read_run_config(out)
-        values = {**{k: v for k, v in stored.items() if k not in ("out", "resume", "overwrite")}, **values}
+        values = {**{k: v for k, v in stored.items() if k not in RUN_LAYOUT}, **values}
     return TrainConfig(**values)
 
 

@@ -393,7 +393,7 @@ def test_bad_inputs_get_clear_errors(name):
             visual_neck(**p, activation="gelu")
         with pytest.raises(ValueError, match="in_weight must have shape \\(32, 40\\)"):   # silu weights, swiglu
             visual_neck(**p, activation="swiglu")
-    with pytest.raises(ValueError, match="activation must be 'silu' or 'swiglu'"):
+    with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'swiglu'\), got 'relu'"):
         VisualNeck(activation="relu")
     with pytest.raises(ValueError, match="VisualNeck|in_weight"):
         VisualNeck(40, 16, 33)(torch.randn(2, 6, 41))
