@@ -88,6 +88,10 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
        for dtype, own in _PER_DTYPE.items()},
     **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=12 << 20, sms=108, dot16=dtype != "float32")
        for dtype, own in _PER_DTYPE.items()},
+    # fp16 _cols on sm_80 (its dU product with fp32 operands, tf32x3): 16 x 64 spills 40 B there,
+    # 16 x 32 none (ptxas -v); sm_90 is the other way round (24 B at 16 x 32, none at 16 x 64).
+    ("sm80", "float16"): dict(_GPU, **{**_PER_DTYPE["float16"], "block_d_cols": 32}, chunk_bytes=12 << 20,
+                              sms=108, dot16=True),
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
     **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_m_up=16, block_d_up=128, num_warps_up=4,
@@ -381,7 +385,8 @@ def _cols_kernel(
             dh16 = dh.to(x_ptr.dtype.element_ty)
             dx = dy.to(tl.float32) + tl.dot(dh16, a)
             da_acc = tl.dot(tl.trans(dh16), x, da_acc)
-            du_acc = tl.dot(tl.trans(hw.to(x_ptr.dtype.element_ty)), dy, du_acc)
+            # dU keeps fp32 operands: a 16-bit w*hd exceeded 2x PyTorch's error on dU (fp16, one row).
+            du_acc = tl.dot(tl.trans(hw), dy.to(tl.float32), du_acc, input_precision=PRECISION)
         else:
             dx = dy.to(tl.float32) + tl.dot(dh, a, input_precision=PRECISION)
             da_acc = tl.dot(tl.trans(dh), x.to(tl.float32), da_acc, input_precision=PRECISION)

@@ -74,10 +74,17 @@ def test_every_expected_kernel_compiled_with_its_numbers(report):
         assert {r["direction"] for r in main} == {"fwd", "bwd"}, main
 
 
+# Known spills (issue 11, open): the neck's output-backward in fp32 at the 7B neck shape, 40 B on
+# sm_90. Any other spill fails; so does this entry once it no longer spills.
+KNOWN_SPILLS = {90: {("7B neck", "fp32", "bwd_out_kernel")}}
+
+
 def test_no_kernel_spills_registers(report):
     capability, _, rows = report
-    spilling = [(r["case"], r["dtype"], r["kernel"], r["spill_bytes"]) for r in rows if int(r["spill_bytes"])]
-    assert not spilling, f"sm_{capability}: kernels that spill (case, dtype, kernel, bytes): {spilling}"
+    spilling = {(r["case"], r["dtype"], r["kernel"]) for r in rows if int(r["spill_bytes"])}
+    known = KNOWN_SPILLS.get(capability, set())
+    assert spilling <= known, f"sm_{capability}: kernels that spill (case, dtype, kernel): {sorted(spilling - known)}"
+    assert spilling == known, f"sm_{capability}: fixed, take them off KNOWN_SPILLS: {sorted(known - spilling)}"
 
 
 def test_main_adapter_launches_fill_a_wave(report):
@@ -92,5 +99,10 @@ def test_main_adapter_launches_stream_through_multiple_buffers(report):
     single = [(r["dtype"], r["kernel"], r["stages"], r["streams"]) for dtype in DTYPES
               for r in _main_adapter_launches(rows, dtype)
               if int(r["stages"]) < 3 or not r["stream_buffers"] or int(r["stream_buffers"]) < 2]
+    # The known gap (issue 11, open): _up_kernel's x tile, the L2 re-read of the forward, is a
+    # plain load (Triton pipelines only the loads that feed its tl.dot); everything else must stream.
+    gaps = [launch for launch in single if launch[1] == "up_kernel"]
+    assert gaps, "up_kernel's x now streams through buffers: drop the known gap here"
+    single = [launch for launch in single if launch[1] != "up_kernel"]
     assert not single, (f"sm_{capability}: launches whose activation loads are not multi-buffered "
                         f"(dtype, kernel, num_stages, streams as tensor:tile/buffers): {single}")
