@@ -6,6 +6,7 @@ any new file would (0o666 less the umask), not mkstemp's private 0o600.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,3 +41,14 @@ def _umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """The JSON object in `path`, or `error` naming the file (unreadable, not JSON, not an object)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as problem:
+        raise error(f"{path} is not readable JSON: {problem}") from problem
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value

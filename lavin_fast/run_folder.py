@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lavin_fast.errors import UserError
-from lavin_fast.io import atomic_write_text
+from lavin_fast.io import atomic_write_text, read_json_object
 
 log = logging.getLogger("lavin_fast.train")
 
@@ -294,7 +294,7 @@ def read_run_config(run: Path) -> dict:
     config_file = run / "run_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run} is not a training run folder (no run_config.json)")
-    values = _read_json(config_file)
+    values = read_json_object(config_file, RunFolderError)
     for name in PATH_FIELDS:
         if isinstance(values.get(name), str):
             values[name] = str(run / values[name])    # an absolute path stays what it is
@@ -308,20 +308,10 @@ def check_resume_recipe(out: Path, values: dict) -> None:
     config_file = out / "run_config.json"
     if not config_file.is_file():
         return
-    stored = _read_json(config_file)
+    stored = read_json_object(config_file, RunFolderError)
     given = storable_config(values, out)
     differ = [f"{key} (stored {stored[key]!r}, given {given[key]!r})" for key in given
               if key not in MAY_CHANGE_ON_RESUME and key in stored and stored[key] != given[key]]
     if differ:
         raise RunFolderError(f"--resume with a recipe different from {config_file}: {', '.join(differ)}; resume "
                              "with the stored values, or start a new run with another --out")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise RunFolderError(f"cannot read {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise RunFolderError(f"{path} is not a JSON object of TrainConfig fields")
-    return values

@@ -9,7 +9,6 @@ unexpected and mis-shaped key is listed together with the checkpoint it came fro
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import zipfile
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lavin_fast.errors import UserError
+from lavin_fast.io import read_json_object
 
 
 class CheckpointError(UserError):
@@ -92,13 +92,7 @@ def check_floating(dtypes: Mapping[str, torch.dtype | str], source: str) -> None
 
 def read_json(file: Path) -> dict:
     """A JSON object from `file` (a config, an index, a params.json), or CheckpointError naming it."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{file} is not readable JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object")
-    return value
+    return read_json_object(file, CheckpointError)
 
 
 def open_safetensors(file: Path) -> safe_open:
