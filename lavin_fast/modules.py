@@ -67,17 +67,23 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
-    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None = None, *, first: Tensor | None = None,
+                routing_index: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
         gradient). The weights used are kept, detached, in `self.last_routing` (None when N = 0
-        and nothing was routed: the output is then empty)."""
+        and nothing was routed: the output is then empty).
+
+        Packed rows (several samples in a row): `first` [S] holds the flat index (b * N + n) of
+        each sample's first token, which the router reads, giving a table [S, 2] of which token
+        (b, n) reads row routing_index[b, n] ([B, N] int). Without them, row b is routed by x[b, 0].
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
         if weights is None:
             if x.shape[1] == 0:   # no first token to route on, and no token to adapt
                 self.last_routing = None
                 return x.clone()
-            weights = self.route(x[:, 0])
+            weights = self.route(x[:, 0] if first is None else x.flatten(0, 1)[first])
         self.last_routing = weights.detach()
         return ops.mm_adapter(
             x,
@@ -85,6 +91,7 @@ class MMAdapter(nn.Module):
             self.conv_B.weight, self.conv_B.bias,
             self.conv_D.weight, self.conv_D.bias,
             weights,
+            routing_index=routing_index,
             groups=self.groups,
             scale=self.scale,
             dropout=self.dropout if self.training else 0.0,
