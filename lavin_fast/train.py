@@ -93,6 +93,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"                      # backbone dtype: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    packing: bool = True                     # micro-batches as one row without pads (equal to padded ones)
     # parallelism (torchrun)
     dp: int | None = None
     tp: int = 1
@@ -195,6 +196,8 @@ HELP = {
     "seed": "Random seed of the adapters' initialisation, the data order and dropout.",
     "dtype": "Dtype of the frozen backbones; auto is bf16 on CUDA and fp32 on a CPU.",
     "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
+    "packing": "Concatenate each micro-batch's samples into one row without padding (the same losses and "
+               "gradients as padded rows, less compute); --no-packing pads every sample to the longest.",
     "dp": "Data-parallel ranks (default: the number of processes / --tp).",
     "tp": "Tensor-parallel ranks per model replica.",
     "sequence_parallel": "With --tp, split the RMSNorms' tokens over the tensor-parallel ranks (less memory).",
@@ -323,7 +326,7 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
 def build_collator(model: LaVIN, tokenizer: Tokenizer, cfg: TrainConfig) -> Collator:
     layout = SequenceLayout(tokenizer, model.config.image_tokens, cfg.max_len)
     loader = functools.partial(preprocess, size=model.config.vit.image_size, normalization=cfg.image_normalization)
-    return Collator(layout, loader, pad_multiple=cfg.tp if cfg.sequence_parallel else 1)
+    return Collator(layout, loader, pad_multiple=cfg.tp if cfg.sequence_parallel else 1, packing=cfg.packing)
 
 
 # ---------------------------------------------------------------------------------------------
