@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from lavin_fast import data, recipe
 from lavin_fast.collate import Collator, SequenceLayout
+from lavin_fast.compile import compile_blocks
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
@@ -94,6 +95,7 @@ class TrainConfig:
     dtype: str = "auto"                      # backbone dtype: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     packing: bool = True                     # micro-batches as one row without pads (equal to padded ones)
+    compile: bool = False                    # torch.compile each LLaMA and ViT block
     # parallelism (torchrun)
     dp: int | None = None
     tp: int = 1
@@ -198,6 +200,8 @@ HELP = {
     "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
     "packing": "Concatenate each micro-batch's samples into one row without padding (the same losses and "
                "gradients as padded rows, less compute); --no-packing pads every sample to the longest.",
+    "compile": "torch.compile each LLaMA layer and ViT block (dynamic shapes: packed rows do not recompile "
+               "every step); the first steps are slow while it compiles.",
     "dp": "Data-parallel ranks (default: the number of processes / --tp).",
     "tp": "Tensor-parallel ranks per model replica.",
     "sequence_parallel": "With --tp, split the RMSNorms' tokens over the tensor-parallel ranks (less memory).",
@@ -302,6 +306,8 @@ def build_model(cfg: TrainConfig, device: torch.device,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        compile_blocks(model)
     return model, Tokenizer(cfg.tokenizer)
 
 

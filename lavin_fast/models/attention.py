@@ -57,7 +57,7 @@ def attention_backend(q: Tensor) -> str:
             + ("not installed" if flash_attn_func is None else "unusable here (needs CUDA fp16/bf16 inputs)")
         )
     backend = "flash" if (choice != "sdpa" and usable) else "sdpa"
-    if backend not in _reported:  # say once which kernel runs: it decides speed and memory
+    if backend not in _reported and not torch.compiler.is_compiling():  # say once which kernel runs
         _reported.add(backend)
         _log.info("attention backend: %s", backend)
     return backend
@@ -83,7 +83,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
         # CausalBias calls the fused kernels itself, without SDPA's grouped-query handling.
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=square_causal,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         enable_gqa=bool(q.shape[1] != k.shape[1]))
     return out.transpose(1, 2)
 
 
@@ -127,12 +127,13 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Ten
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     mask = (ids[:, :, None] == ids[:, None, :]) & causal                     # [R, L, L]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                         enable_gqa=bool(q.shape[1] != k.shape[1]))
     return out.transpose(1, 2)
 
 
 def _report(backend: str) -> None:
-    if backend not in _reported:
+    if backend not in _reported and not torch.compiler.is_compiling():   # logging breaks a compiled graph
         _reported.add(backend)
         _log.info("attention backend for packed rows: %s", backend)
 

@@ -37,11 +37,9 @@ class Segments:
     cu_seqlens: Tensor                     # [A + 1] int32, attention segment bounds in R * L
     max_seqlen: int                        # longest attention segment
     isolate_first: bool
-
-    @property
-    def one_per_row(self) -> bool:
-        """The padded layout: dense attention per row, routing per row."""
-        return all(len(row) == 1 for row in self.lengths)
+    # The padded layout (dense attention per row, routing per row). A field, not derived from
+    # `lengths` where it is read: a compiled block then guards on this flag, not on the lengths.
+    one_per_row: bool
 
     @property
     def num_samples(self) -> int:
@@ -90,4 +88,5 @@ class Segments:
         return cls(lengths=lengths, positions=grid(positions), first=torch.tensor(first, device=device),
                    sample_of=grid(sample_of), attention_ids=grid(attention_ids),
                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
-                   max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])), isolate_first=isolate_first)
+                   max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])), isolate_first=isolate_first,
+                   one_per_row=all(len(row) == 1 for row in lengths))
