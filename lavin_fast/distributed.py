@@ -158,11 +158,10 @@ class Session:
             dist.destroy_process_group()
 
 
-def start(cfg) -> Session:
+def start(cfg, prepare: Callable[[object], object] = lambda cfg: cfg) -> Session:
     """Join torchrun's process group (if any), pick the device, build the (dp, tp) mesh, and
-    let rank 0 prepare what the run writes before the others read it."""
-    from lavin_fast.train import prepare_embedded_default
-
+    let rank 0 run `prepare(cfg)` (what the run writes before the others read it: the trainer
+    passes its own; this module sits beneath it and never imports it) before the others do."""
     rank, world = parallel.init_distributed()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -170,9 +169,9 @@ def start(cfg) -> Session:
         device = torch.device("cpu")
     mesh = parallel.build_mesh(cfg.dp, cfg.tp)
     if rank == 0:
-        cfg = prepare_embedded_default(cfg)
+        cfg = prepare(cfg)
     if world > 1:
         dist.barrier()
         if rank != 0:
-            cfg = prepare_embedded_default(cfg)   # rank 0 wrote everything: this only finds it
+            cfg = prepare(cfg)   # rank 0 wrote everything: this only finds it
     return Session(cfg=cfg, rank=rank, world=world, device=device, mesh=mesh)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lavin_fast import data, recipe
+from lavin_fast import data, distributed, recipe
 from lavin_fast.collate import Collator, SequenceLayout
 from lavin_fast.compile import compile_blocks
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
@@ -372,9 +372,7 @@ class RunState:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the output folder."""
-    from lavin_fast import distributed
-
-    session = distributed.start(cfg)
+    session = distributed.start(cfg, prepare_embedded_default)
     cfg = session.cfg
     out = Path(cfg.out)
     device = session.device
