@@ -1,8 +1,12 @@
 """Whole LaVIN training steps: tokens/s, MFU, peak memory and where the time goes.
 
 A LaVIN-7B-shaped model with random weights (no download): LLaMA-7B + CLIP ViT-L/14 in bf16,
-fp32 adapters, batch 4 x 512 tokens, half the samples with an image, the answer the last
-quarter of each sequence. Configurations: the adapters and neck on the fused Triton kernels
+fp32 adapters, micro-batches of 4 samples of ScienceQA-like lengths (benchmarks/lengths.py:
+log-normal, median 270 of at most 512 tokens, 48% with an image), the answer the last quarter
+of each sample. Layouts: padded to the micro-batch's longest sample, packed into one row,
+and packed with the blocks compiled (`LAVIN_BENCH_COMPILE=1`: minutes of Inductor on a CPU).
+Tokens/s and MFU count real tokens only; the padding fraction of each layout is printed.
+Configurations: the adapters and neck on the fused Triton kernels
 or on the pure-PyTorch backend (`LAVIN_FAST_BACKEND`), gradient checkpointing off and on, and
 flash-attn against PyTorch SDPA where flash-attn is installed.
 
@@ -20,6 +24,7 @@ parameters), each timed with CUDA events over the same steps.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -30,6 +35,8 @@ from torch import nn
 import harness  # noqa: E402  (puts the checkout on sys.path)
 from lavin_fast import recipe  # noqa: E402
 from lavin_fast.collate import Batch  # noqa: E402
+from lavin_fast.compile import compile_blocks  # noqa: E402
+from lengths import scienceqa_lengths  # noqa: E402
 from lavin_fast.models import attention  # noqa: E402
 from lavin_fast.models.lavin import LaVIN, LaVINConfig  # noqa: E402
 from lavin_fast.models.llama import RMSNorm  # noqa: E402
@@ -63,17 +70,35 @@ def build(preset: str, device: torch.device, dtype: torch.dtype) -> LaVIN:
     return model
 
 
-def make_batch(model: LaVIN, batch: int, length: int, device: torch.device) -> Batch:
+def make_batch(model: LaVIN, batch: int, longest: int, device: torch.device, packed: bool) -> Batch:
+    """`batch` samples of ScienceQA-like lengths (at most `longest`), padded or packed in one row."""
     gen = torch.Generator().manual_seed(0)
+    lengths, has_image = scienceqa_lengths(batch, seed=0, longest=longest)
+    has_image = torch.tensor(has_image)
     vocab = model.config.llama.vocab_size
-    tokens = torch.randint(3, vocab, (batch, length), generator=gen)
+    samples = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+    rows = [torch.cat(samples)] if packed else samples
+    width = max(row.numel() for row in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
     targets = torch.full_like(tokens, -100)
-    answer = length - length // 4
-    targets[:, answer - 1:-1] = tokens[:, answer:]
-    has_image = torch.arange(batch) % 2 == 0
+    for index, sample in enumerate(samples):
+        row, start = (0, sum(lengths[:index])) if packed else (index, 0)
+        n = sample.numel()
+        tokens[row, start:start + n] = sample
+        answer = n - n // 4
+        targets[row, start + answer - 1:start + n - 1] = sample[answer:]
     size = model.config.vit.image_size
-    images = torch.randn(int(has_image.sum()), 3, size, size, generator=gen)
-    return Batch(tokens, targets, has_image, images, image_start=5).to(device)
+    images = torch.randn(int(has_image.sum()), 3, size, size, generator=gen) if has_image.any() else None
+    return Batch(tokens, targets, has_image, images, image_start=5,
+                 lengths=[lengths] if packed else None).to(device)
+
+
+def sample_lengths(batch: Batch) -> list[int]:
+    """The real lengths of a benchmark batch's samples (padded rows: up to the last target)."""
+    if batch.lengths is not None:
+        return batch.lengths[0]
+    counted = (batch.targets != -100).int()
+    return [int(row.nonzero().max()) + 2 for row in counted]
 
 
 def model_flops(model: LaVIN, batch: Batch) -> float:
@@ -81,9 +106,8 @@ def model_flops(model: LaVIN, batch: Batch) -> float:
     llama, vit = model.config.llama, model.config.vit
     n_llama = sum(p.numel() for n, p in model.llama.named_parameters() if "adapter" not in n and "tok_embeddings" not in n)
     n_vit = sum(p.numel() for n, p in model.vit.named_parameters() if "adapter" not in n)
-    tokens = batch.tokens.numel()
-    length = batch.tokens.shape[1]
-    text = tokens * (4 * n_llama + 6 * llama.n_layers * length * llama.dim)
+    # Real tokens only, each attending inside its own sample (pads are waste, not work).
+    text = sum(n * (4 * n_llama + 6 * llama.n_layers * n * llama.dim) for n in sample_lengths(batch))
     patches = 1 + vit.grid ** 2
     images = 0 if batch.images is None else batch.images.shape[0]
     vision = images * patches * (4 * n_vit + 12 * vit.layers * patches * vit.width)
@@ -155,32 +179,40 @@ def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.device()
     quick = args.quick or device.type == "cpu"
-    preset, batch_size, length = ("tiny", 2, 64) if quick else ("7b", 4, 512)
+    preset, batch_size, length = ("tiny", 4, 64) if quick else ("7b", 4, 512)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     steps, warmup = (2, 1) if quick else (10, 3)
     model = build(preset, device, dtype).train()
-    batch = make_batch(model, batch_size, length, device)
-    flops = model_flops(model, batch)
+    batches = {"padded": make_batch(model, batch_size, length, device, packed=False),
+               "packed": make_batch(model, batch_size, length, device, packed=True)}
+    layouts = ["padded", "packed"] + (["packed+compiled"] if os.environ.get("LAVIN_BENCH_COMPILE") == "1" else [])
+    flops = model_flops(model, batches["padded"])
+    real_tokens = sum(sample_lengths(batches["padded"]))
     peak = peak_flops()
     attention_backends = ["sdpa"] + (["flash"] if attention.flash_attn_func is not None and device.type == "cuda" else [])
     log = harness.RowLog(args.out, "train_step" + ("_quick" if quick else ""))
-    for backend in ("triton", "torch"):
-        if backend == "triton" and device.type == "cpu":
-            continue                       # the interpreter's speed says nothing about the kernels
-        for checkpointing in (False, True):
-            for attn in attention_backends:
-                model.gradient_checkpointing = checkpointing
-                with environment(LAVIN_FAST_BACKEND=backend, LAVIN_FAST_ATTENTION=attn):
-                    result = measure(model, batch, steps, warmup)
-                tokens_per_s = batch.tokens.numel() / (result["step_ms"] / 1e3)
-                log.add(dict(preset=preset, batch=batch_size, seq=length, dtype=str(dtype).split(".")[-1],
-                                 kernels=backend, checkpointing=checkpointing, attention=attn, **result,
-                                 tokens_per_s=tokens_per_s,
-                                 TFLOPs=flops / (result["step_ms"] / 1e3) / 1e12,
-                                 MFU=(flops / (result["step_ms"] / 1e3) / peak) if peak else None))
-                print(log.rows[-1], file=sys.stderr)
-    title = (f"LaVIN training step ({preset}, batch {batch_size} x {length}); "
-             f"{flops / 1e9:.4g} GFLOP per step at a frozen backbone")
+    backends = [b for b in ("triton", "torch") if not (b == "triton" and device.type == "cpu")]
+    # (the interpreter's speed says nothing about the kernels); the compiled layout comes last:
+    # compiling is in place, so every configuration after it runs compiled.
+    for layout, backend, checkpointing, attn in itertools.product(layouts, backends, (False, True),
+                                                                  attention_backends):
+        if layout == "packed+compiled" and not any(r["layout"] == layout for r in log.rows):
+            compile_blocks(model)
+        batch = batches[layout.split("+")[0]]
+        padding = 1 - real_tokens / batch.tokens.numel()
+        model.gradient_checkpointing = checkpointing
+        with environment(LAVIN_FAST_BACKEND=backend, LAVIN_FAST_ATTENTION=attn):
+            result = measure(model, batch, steps, warmup)
+        tokens_per_s = real_tokens / (result["step_ms"] / 1e3)
+        log.add(dict(preset=preset, batch=batch_size, seq=length, dtype=str(dtype).split(".")[-1],
+                     layout=layout, padding_fraction=padding,
+                     kernels=backend, checkpointing=checkpointing, attention=attn, **result,
+                     tokens_per_s=tokens_per_s,
+                     TFLOPs=flops / (result["step_ms"] / 1e3) / 1e12,
+                     MFU=(flops / (result["step_ms"] / 1e3) / peak) if peak else None))
+        print(log.rows[-1], file=sys.stderr)
+    title = (f"LaVIN training step ({preset}, {batch_size} samples of at most {length} tokens, {real_tokens} real); "
+             f"{flops / 1e9:.4g} GFLOP per step at a frozen backbone, real tokens only")
     log.finish(title, plot=lambda meta: plot(log.rows, meta))
 
 
@@ -188,7 +220,8 @@ def plot(rows, meta):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    labels = [f"{r['kernels']}\n{'ckpt' if r['checkpointing'] else 'no ckpt'}\n{r['attention']}" for r in rows]
+    labels = [f"{r['layout']}\n{r['kernels']}\n{'ckpt' if r['checkpointing'] else 'no ckpt'}\n{r['attention']}"
+              for r in rows]
     bottom = [0.0] * len(rows)
     for part, color in (("forward", "tab:blue"), ("backward", "tab:orange"), ("optimizer", "tab:green")):
         values = [r[f"{part}_ms"] for r in rows]

@@ -32,9 +32,13 @@ IMAGE_PREFIX, TEXT_PREFIX = "Image: ", "Image: N/A"
 
 @dataclass
 class Batch:
-    """A collated batch. tokens, targets [B, L] int64; has_image [B] bool; images
-    [n_images, 3, S, S] for the samples with an image, in batch order (None if none);
-    image_start: position of v1 in every image sample."""
+    """A collated batch of R rows holding S samples. tokens, targets [R, L] int64; has_image
+    [S] bool; images [n_images, 3, S, S] for the samples with an image, in sample order (None
+    if none); image_start: position of v1 in every image sample, counted from its first slot.
+
+    lengths: each row's sample lengths in order, for packed rows (several samples concatenated
+    without pads, each from RoPE position 0); None: one sample per row from column 0, then pads
+    (the padded layout). ids: the samples' ids in sample order."""
 
     tokens: Tensor
     targets: Tensor
@@ -42,6 +46,7 @@ class Batch:
     images: Tensor | None
     image_start: int
     ids: list[str] = field(default_factory=list)
+    lengths: list[list[int]] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -86,14 +91,17 @@ class CollateStats:
 
 
 class Collator:
-    """Samples -> `Batch`, padded to the longest sequence of the batch (not to max_len), rounded
-    up to a multiple of `pad_multiple` (sequence parallelism splits the length evenly)."""
+    """Samples -> `Batch`: padded, one sample per row, to the longest sequence of the batch (not
+    to max_len); or with `packing`, the same samples concatenated into one row with no pad.
+    Either length is rounded up to a multiple of `pad_multiple` (sequence parallelism splits
+    the length evenly)."""
 
     def __init__(self, layout: SequenceLayout, image_loader: Callable[[Path], Tensor] = preprocess,
-                 pad_multiple: int = 1) -> None:
+                 pad_multiple: int = 1, packing: bool = False) -> None:
         self.layout = layout
         self.image_loader = image_loader
         self.pad_multiple = pad_multiple
+        self.packing = packing
         self.stats = CollateStats()
 
     def sequence(self, sample: Sample) -> tuple[list[int], int] | None:
@@ -115,15 +123,21 @@ class Collator:
         kept = [(s, seq) for s in samples if (seq := self.sequence(s)) is not None]
         if not kept:
             raise ValueError(f"none of the {len(samples)} samples fits in {self.layout.max_len} tokens")
-        length = -(-max(len(ids) for _, (ids, _) in kept) // self.pad_multiple) * self.pad_multiple
-        tokens = torch.zeros(len(kept), length, dtype=torch.long)
-        targets = torch.full((len(kept), length), IGNORE, dtype=torch.long)
-        for row, (_, (ids, answer_start)) in enumerate(kept):
-            tokens[row, :len(ids)] = torch.tensor(ids)
+        sizes = [len(ids) for _, (ids, _) in kept]
+        rows, longest = (1, sum(sizes)) if self.packing else (len(kept), max(sizes))
+        length = -(-longest // self.pad_multiple) * self.pad_multiple
+        tokens = torch.zeros(rows, length, dtype=torch.long)
+        targets = torch.full((rows, length), IGNORE, dtype=torch.long)
+        column = 0
+        for index, (_, (ids, answer_start)) in enumerate(kept):
+            row = 0 if self.packing else index
+            tokens[row, column:column + len(ids)] = torch.tensor(ids)
             # position i predicts token i + 1: answer tokens and EOS are predicted from answer_start - 1 on
-            targets[row, answer_start - 1:len(ids) - 1] = torch.tensor(ids[answer_start:])
+            targets[row, column + answer_start - 1:column + len(ids) - 1] = torch.tensor(ids[answer_start:])
+            column += len(ids) if self.packing else 0
         has_image = torch.tensor([s.image is not None for s, _ in kept])
         pictures = [self.image_loader(s.image) for s, _ in kept if s.image is not None]
         return Batch(tokens=tokens, targets=targets, has_image=has_image,
                      images=torch.stack(pictures) if pictures else None,
-                     image_start=self.layout.image_start, ids=[s.id for s, _ in kept])
+                     image_start=self.layout.image_start, ids=[s.id for s, _ in kept],
+                     lengths=[sizes] if self.packing else None)

@@ -166,13 +166,13 @@ class Session:
             dist.destroy_process_group()
 
 
-def start(cfg) -> Session:
+def start(cfg, claim: Callable[[object], tuple[object, object]],
+          prepare: Callable[[object], object]) -> Session:
     """Join torchrun's process group (if any), pick the device, build the (dp, tp) mesh, and
-    let rank 0 claim the run folder and prepare what the run writes before the others read it.
-    A refusal of rank 0 (a ValueError: the folder is another run's, or locked, ...) is raised
-    by every rank."""
-    from lavin_fast.train import claim_run_folder, prepare_embedded_default
-
+    let rank 0 `claim(cfg)` the run folder (returning the config and the held lock) and write
+    what the run needs before the others `prepare(cfg)`, which only finds it. The trainer
+    passes both: this module sits beneath it and never imports it. A refusal of rank 0 (a
+    ValueError: the folder is another run's, or locked, ...) is raised by every rank."""
     rank, world = parallel.init_distributed()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -182,7 +182,7 @@ def start(cfg) -> Session:
     lock, refusal = None, None
     if rank == 0:
         try:
-            cfg, lock = claim_run_folder(cfg)
+            cfg, lock = claim(cfg)
         except ValueError as error:
             refusal = error
     if world > 1:
@@ -192,7 +192,7 @@ def start(cfg) -> Session:
             dist.destroy_process_group()
             raise refusal if rank == 0 else RunFolderError(verdict[0])
         if rank != 0:
-            cfg = prepare_embedded_default(cfg)   # rank 0 wrote everything: this only finds it
+            cfg = prepare(cfg)   # rank 0 wrote everything: this only finds it
     elif refusal is not None:
         raise refusal
     return Session(cfg=cfg, rank=rank, world=world, device=device, mesh=mesh, lock=lock)

@@ -81,30 +81,42 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
-    def routing_weights(self, x: Tensor) -> Tensor:
+    def routing_weights(self, x: Tensor, first: Tensor | None = None) -> Tensor:
         """The router's weights for x [B, N, dim] in this adapter's mode: [B, 2] ("cls") or
-        [B, N, 2] ("token", "batch0")."""
+        [B, N, 2] ("token", "batch0"); with `first` (packed rows, "cls" only) [S, 2], one pair
+        per sample, routed by its first token x.flatten(0, 1)[first]."""
+        if first is not None:
+            return self.route(x.flatten(0, 1)[first])
         if self.routing == "cls":
             return self.route(x[:, 0])
         if self.routing == "token":
             return self.route(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         return self.route(x[0]).expand(*x.shape[:2], 2)          # "batch0": sample 0's tokens
 
-    def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None = None, *, first: Tensor | None = None,
+                routing_index: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] (per sample) or [B, N, 2] (per token)
         overrides the router (and gets a gradient); with `routing_index` (int [B, N]) `weights`
         is a table [T, 2] of which row (b, n) reads weights[routing_index[b, n]] (see
         `ops.mm_adapter`). The weights used are kept, detached, in `self.last_routing` (None
-        when N = 0 and nothing was routed: the output is then empty)."""
+        when N = 0 and nothing was routed: the output is then empty).
+
+        Packed rows (several samples in a row; "cls" routing): `first` [S] holds the flat index
+        (b * N + n) of each sample's first token, which the router reads, giving the table
+        [S, 2] that `routing_index` indexes (None: one sample per row, S = B).
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
-        if routing_index is not None and weights is None:
-            raise ValueError("MMAdapter: routing_index needs weights, the routing table it indexes")
+        if first is not None and (weights is not None or self.routing != "cls"):
+            raise ValueError("MMAdapter: `first` routes each sample by its first token: it takes no weights "
+                             "and needs routing='cls'")
+        if routing_index is not None and weights is None and first is None:
+            raise ValueError("MMAdapter: routing_index needs weights (the routing table it indexes) or first")
         if weights is None:
             if x.shape[1] == 0:   # no first token to route on, and no token to adapt
                 self.last_routing = None
                 return x.clone()
-            weights = self.routing_weights(x)
+            weights = self.routing_weights(x, first)
         self.last_routing = weights.detach()
         if weights.dim() == 3:
             if routing_index is not None or weights.shape != (*x.shape[:2], 2):

@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lavin_fast import data, recipe, run_folder
+from lavin_fast import data, distributed, recipe, run_folder
 from lavin_fast.collate import Collator, SequenceLayout
+from lavin_fast.compile import compile_blocks
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
@@ -95,6 +96,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"                      # backbone dtype: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    packing: bool = True                     # micro-batches as one row without pads (equal to padded ones)
+    compile: bool = False                    # torch.compile each LLaMA and ViT block
     # parallelism (torchrun)
     dp: int | None = None
     tp: int = 1
@@ -204,6 +207,10 @@ HELP = {
     "seed": "Random seed of the adapters' initialisation, the data order and dropout.",
     "dtype": "Dtype of the frozen backbones; auto is bf16 on CUDA and fp32 on a CPU.",
     "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
+    "packing": "Concatenate each micro-batch's samples into one row without padding (the same losses and "
+               "gradients as padded rows, less compute); --no-packing pads every sample to the longest.",
+    "compile": "torch.compile each LLaMA layer and ViT block (dynamic shapes: packed rows do not recompile "
+               "every step); the first steps are slow while it compiles.",
     "dp": "Data-parallel ranks (default: the number of processes / --tp).",
     "tp": "Tensor-parallel ranks per model replica.",
     "sequence_parallel": "With --tp, split the RMSNorms' tokens over the tensor-parallel ranks (less memory).",
@@ -335,6 +342,8 @@ def build_model(cfg: TrainConfig, device: torch.device,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        compile_blocks(model)
     return model, Tokenizer(cfg.tokenizer)
 
 
@@ -359,7 +368,7 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
 def build_collator(model: LaVIN, tokenizer: Tokenizer, cfg: TrainConfig) -> Collator:
     layout = SequenceLayout(tokenizer, model.config.image_tokens, cfg.max_len)
     loader = functools.partial(preprocess, size=model.config.vit.image_size, normalization=cfg.image_normalization)
-    return Collator(layout, loader, pad_multiple=cfg.tp if cfg.sequence_parallel else 1)
+    return Collator(layout, loader, pad_multiple=cfg.tp if cfg.sequence_parallel else 1, packing=cfg.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,9 +405,7 @@ class NonFiniteStepError(UserError):
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the output folder."""
-    from lavin_fast import distributed
-
-    session = distributed.start(cfg)
+    session = distributed.start(cfg, claim=claim_run_folder, prepare=prepare_embedded_default)
     try:
         return _train(session)
     finally:

@@ -1,10 +1,10 @@
 """Run under torchrun by tests/test_parallel.py: one forward + backward of a tiny LaVIN on a fixed
 batch, parallelized from outside with lavin_fast.parallel, results written for the test to judge.
 
-    torchrun --standalone --nproc_per_node N tests/parallel_worker.py OUT DP TP SEQUENCE_PARALLEL
+    torchrun --standalone --nproc_per_node N tests/parallel_worker.py OUT DP TP SEQUENCE_PARALLEL PACKED
 
 Every rank builds the same random model (same seed) and takes its data-parallel share of the
-same global batch; the loss is the mean over the global batch's answer tokens, as the trainer
+same global batch (PACKED=1: its rows concatenated into one packed row); the loss is the mean over the global batch's answer tokens, as the trainer
 computes it. Rank 0 writes OUT/result.pt: the loss, the full gradients of every trainable
 parameter, the names of the trainable parameters, and how the frozen and trainable parameters
 ended up distributed.
@@ -43,6 +43,13 @@ def share(batch: Batch, rank: int, ranks: int) -> Batch:
                  batch.images[first_image:first_image + images] if images else None, batch.image_start)
 
 
+def pack(batch: Batch) -> Batch:
+    """The batch's rows (no pads in global_batch) as the samples of one packed row."""
+    rows, length = batch.tokens.shape
+    return Batch(batch.tokens.reshape(1, -1), batch.targets.reshape(1, -1), batch.has_image, batch.images,
+                 batch.image_start, lengths=[[length] * rows])
+
+
 def build_model() -> LaVIN:
     torch.manual_seed(0)
     model = LaVIN(LaVINConfig.from_preset("tiny", adapter_dropout=0.0))
@@ -53,7 +60,7 @@ def build_model() -> LaVIN:
     return model
 
 
-def main(out: str, dp: int, tp: int, sequence_parallel: bool) -> None:
+def main(out: str, dp: int, tp: int, sequence_parallel: bool, packed: bool) -> None:
     rank, _ = parallel.init_distributed()
     mesh = parallel.build_mesh(dp, tp)
     model = build_model()
@@ -65,6 +72,8 @@ def main(out: str, dp: int, tp: int, sequence_parallel: bool) -> None:
             parallel.apply_tensor_parallel(model, mesh["tp"], sequence_parallel)
         if dp > 1:
             parallel.apply_data_parallel(model, mesh["dp"])
+    if packed:
+        batch = pack(batch)
     loss = model.loss(batch) * batch.answer_tokens / total_tokens
     loss.backward()
     summed = loss.detach().clone()
@@ -82,4 +91,4 @@ def main(out: str, dp: int, tp: int, sequence_parallel: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1")

@@ -45,10 +45,14 @@ def one_process():
     return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
 
 
-@pytest.mark.parametrize("dp, tp, sequence_parallel", [(1, 2, False), (1, 2, True), (2, 1, False), (2, 2, False)],
-                         ids=["tp2", "tp2-sequence-parallel", "dp2", "dp2xtp2"])
-def test_parallel_forward_and_gradients_equal_one_process(tmp_path, one_process, dp, tp, sequence_parallel):
-    torchrun(dp * tp, str(HERE / "parallel_worker.py"), str(tmp_path), str(dp), str(tp), str(int(sequence_parallel)))
+@pytest.mark.parametrize("dp, tp, sequence_parallel, packed",
+                         [(1, 2, False, False), (1, 2, True, False), (2, 1, False, False), (2, 2, False, False),
+                          (1, 2, False, True), (2, 1, False, True)],
+                         ids=["tp2", "tp2-sequence-parallel", "dp2", "dp2xtp2", "tp2-packed", "dp2-packed"])
+def test_parallel_forward_and_gradients_equal_one_process(tmp_path, one_process, dp, tp, sequence_parallel, packed):
+    """Packed: each rank's share concatenated into one row, against the padded one process."""
+    torchrun(dp * tp, str(HERE / "parallel_worker.py"), str(tmp_path), str(dp), str(tp), str(int(sequence_parallel)),
+             str(int(packed)))
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     torch.testing.assert_close(result["loss"], one_process["loss"], rtol=1e-5, atol=0)
     assert result["trainable"] == sorted(one_process["grads"])        # norms re-frozen after SequenceParallel
@@ -120,9 +124,10 @@ def test_torchrun_tensor_parallel_logs_the_losses_of_one_process(tmp_path, prepa
 @pytest.fixture(scope="module")
 def single_no_dropout(prepared, tmp_path_factory):
     """One process without dropout, for the layouts whose dropout masks cannot be the same:
-    data-parallel ranks draw their own, and sequence parallelism pads the length."""
+    data-parallel ranks draw their own, and sequence parallelism pads the length. Padded, so
+    that the packed parallel runs (the default) are judged against the padded layout."""
     out = tmp_path_factory.mktemp("single-no-dropout")
-    training.main(run_args(out, prepared, "--adapter-dropout", "0"))
+    training.main(run_args(out, prepared, "--adapter-dropout", "0", "--no-packing"))
     return out
 
 

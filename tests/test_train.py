@@ -141,6 +141,21 @@ def test_the_global_batch_does_not_depend_on_the_micro_batch(tmp_path, shared_in
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_a_packed_run_logs_the_losses_of_a_padded_one(tmp_path, shared_inputs):
+    """Packing (the default) changes the layout of each micro-batch, not the step: the same
+    losses and adapters as --no-packing, dropout off (its masks follow the layout)."""
+    settings = dict(max_steps=3, adapter_dropout=0.0, micro_batch=4, **shared_inputs)
+    training.train(tiny_config(tmp_path / "packed", **settings))
+    training.train(tiny_config(tmp_path / "padded", packing=False, **settings))
+    packed, padded = read_log(tmp_path / "packed"), read_log(tmp_path / "padded")
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=1e-5)
+    assert [r["answer_tokens"] for r in packed] == [r["answer_tokens"] for r in padded]
+    final_packed = adapter_tensors(tmp_path / "packed" / "adapters.safetensors")
+    final_padded = adapter_tensors(tmp_path / "padded" / "adapters.safetensors")
+    for key in final_padded:
+        torch.testing.assert_close(final_packed[key], final_padded[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_config_file_with_command_line_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"preset": "tiny", "micro_batch": 2, "epochs": 3, "fake_data": True}))

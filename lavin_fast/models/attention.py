@@ -1,5 +1,15 @@
 """Scaled dot-product attention for the LLaMA and the ViT: flash-attn or PyTorch SDPA.
 
+Packed rows (several samples in a row, `lavin_fast.models.segments`) run `packed_attention`:
+flash-attn's variable-length function when flash-attn is in use; otherwise, on CUDA fp16/bf16,
+PyTorch's own FlashAttention-2 variable-length op `torch.nn.attention.varlen.varlen_attn`
+(torch >= 2.10, with a backward; it is the same kernel SDPA runs, fed cumulative lengths, so
+nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9) SDPA with a
+block-diagonal causal mask built from the segment ids: exact and differentiable everywhere,
+quadratic in the row's length. FlexAttention was not chosen: fast only under torch.compile,
+with a block mask to build per batch; nested jagged tensors were not: their SDPA backward
+depends on the torch version and backend.
+
 `LAVIN_FAST_ATTENTION` = `auto` (default: flash-attn when it imports and the inputs are CUDA
 fp16/bf16, SDPA otherwise), `flash` (required; an error if unusable) or
 `sdpa`. On a CUDA GPU, SDPA itself dispatches to FlashAttention-2 kernels inside PyTorch.
@@ -9,6 +19,8 @@ k/v have fewer heads than q.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 
@@ -17,10 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from lavin_fast.models.segments import Segments
+
 try:  # optional extra `flash`; a broken build (wrong torch/CUDA ABI) must not break import
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
 
 ATTENTION_ENV = "LAVIN_FAST_ATTENTION"
 _log = logging.getLogger(__name__)
@@ -39,7 +57,7 @@ def attention_backend(q: Tensor) -> str:
             + ("not installed" if flash_attn_func is None else "unusable here (needs CUDA fp16/bf16 inputs)")
         )
     backend = "flash" if (choice != "sdpa" and usable) else "sdpa"
-    if backend not in _reported:  # say once which kernel runs: it decides speed and memory
+    if backend not in _reported and not torch.compiler.is_compiling():  # say once which kernel runs
         _reported.add(backend)
         _log.info("attention backend: %s", backend)
     return backend
@@ -65,7 +83,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
         # CausalBias calls the fused kernels itself, without SDPA's grouped-query handling.
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=square_causal,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         enable_gqa=bool(q.shape[1] != k.shape[1]))
     return out.transpose(1, 2)
 
 
@@ -85,3 +103,54 @@ def isolated_first_attention(q: Tensor, k: Tensor, v: Tensor, *, start_pos: int 
         return first
     rest = attention(q[:, 1:], k[:, 1:], v[:, 1:], causal=True)
     return torch.cat([first, rest], dim=1)
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
+    """Causal attention inside each attention segment of `segments`, nothing across them.
+
+    q: [R, L, H, Dh]; k, v: [R, L, Hkv, Dh] -> [R, L, H, Dh]. With `segments.isolate_first`
+    each sample's t_m is a segment of its own, so this is LaVIN's mask for every sample.
+    """
+    rows, length, heads, head_dim = q.shape
+    backend = attention_backend(q)
+    if backend == "flash" or _torch_varlen_usable(q):
+        flat = [t.reshape(rows * length, *t.shape[2:]) for t in (q, k, v)]
+        cu, longest = segments.cu_seqlens, segments.max_seqlen
+        if backend == "flash":
+            out = flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True)
+        else:
+            _report("torch varlen")
+            out = _torch_varlen(*flat, cu, longest)
+        return out.view(rows, length, heads, head_dim)
+    _report("sdpa, block-diagonal mask")
+    ids = segments.attention_ids
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    mask = (ids[:, :, None] == ids[:, None, :]) & causal                     # [R, L, L]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                         enable_gqa=bool(q.shape[1] != k.shape[1]))
+    return out.transpose(1, 2)
+
+
+def _report(backend: str) -> None:
+    if backend not in _reported and not torch.compiler.is_compiling():   # logging breaks a compiled graph
+        _reported.add(backend)
+        _log.info("attention backend for packed rows: %s", backend)
+
+
+def _torch_varlen_usable(q: Tensor) -> bool:
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, longest: int) -> Tensor:
+    """torch's varlen op, causal; its keyword changed between torch 2.10 (is_causal) and 2.11
+    (window_size), and grouped-query heads are repeated (not every version takes enable_gqa)."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    causal = {"window_size": (-1, 0)} if "window_size" in _varlen_parameters() else {"is_causal": True}
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **causal)
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(varlen_attn).parameters)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lavin_fast.collate import IGNORE, Batch
 from lavin_fast.models.llama import KVCache, LlamaConfig, Transformer
+from lavin_fast.models.segments import Segments
 from lavin_fast.models.vit import ViTConfig, VisionTransformer
 from lavin_fast.modules import ROUTING_MODES, MMAdapter, VisualNeck
 
@@ -226,26 +227,36 @@ class LaVIN(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def embed(self, tokens: Tensor, has_image: Tensor, images: Tensor | None, image_start: int) -> Tensor:
-        """The input sequence [B, L, d]: token embeddings with t_m at position 0 and, for image
-        samples, the neck's outputs at image_start .. image_start + 5.
+    def embed(self, tokens: Tensor, has_image: Tensor, images: Tensor | None, image_start: int,
+              segments: Segments | None = None) -> Tensor:
+        """The input sequence [B, L, d]: token embeddings with each sample's t_m at its first
+        slot and, for image samples, the neck's outputs at image_start .. image_start + 5 of it.
 
-        tokens [B, L] (layout of `lavin_fast.collate`); has_image [B] bool; images
-        [has_image.sum(), 3, S, S] in the order of the image samples."""
-        if tokens.dim() != 2 or has_image.shape != tokens.shape[:1] or has_image.dtype != torch.bool:
-            raise ValueError(f"LaVIN.embed: tokens must be [B, L] and has_image [B] bool, got "
-                             f"{tuple(tokens.shape)} and {has_image.dtype} {tuple(has_image.shape)}")
+        tokens [B, L] (layout of `lavin_fast.collate`); segments: where its S samples sit (None:
+        one per row); has_image [S] bool; images [has_image.sum(), 3, S, S] in sample order."""
+        if tokens.dim() == 2 and segments is None:
+            segments = Segments.build(None, *tokens.shape, tokens.device)
+        samples = segments.num_samples if segments is not None else None
+        if tokens.dim() != 2 or has_image.shape != (samples,) or has_image.dtype != torch.bool:
+            raise ValueError(f"LaVIN.embed: tokens must be [B, L] and has_image [samples] bool, got "
+                             f"{tuple(tokens.shape)} and {has_image.dtype} {tuple(has_image.shape)}"
+                             + (f" for {samples} samples" if samples is not None else ""))
         n_images = int(has_image.sum())
         if n_images != (0 if images is None else images.shape[0]):
             raise ValueError(f"LaVIN.embed: {n_images} samples have an image but "
                              f"{0 if images is None else images.shape[0]} images were given")
         h = self.llama.tok_embeddings(tokens)
+        rows, length, dim = h.shape
         t_m = self.adapter_modality_embedding(has_image.long()).to(h.dtype)
-        h = torch.cat([t_m[:, None], h[:, 1:]], dim=1)
+        flat = h.reshape(rows * length, dim).index_put((segments.first,), t_m)
         if n_images:
+            image_first = segments.first[has_image]
             end = image_start + self.config.image_tokens
-            if end > tokens.shape[1]:
-                raise ValueError(f"LaVIN.embed: image slots {image_start}..{end} do not fit in length {tokens.shape[1]}")
+            sample_of = segments.sample_of.flatten()
+            in_row = image_first % length + end <= length
+            if not bool(in_row.all()) or bool((sample_of[image_first + end - 1] != sample_of[image_first]).any()):
+                raise ValueError(f"LaVIN.embed: image slots {image_start}..{end} do not fit in every image sample "
+                                 f"(rows of length {length})")
             if self.config.vit_routing == "batch0" and not has_image[0]:
                 # The reference runs every sample through its ViT, a text-only one as a zero
                 # image, and routes all by the first: so that zero image routes them here too.
@@ -253,18 +264,19 @@ class LaVIN(nn.Module):
                 visual = self.adapter_proj(self.vit(images)[1:]).to(h.dtype)
             else:
                 visual = self.adapter_proj(self.vit(images)).to(h.dtype)         # [n_images, 6, d]
-            rows = has_image.nonzero().squeeze(1)
-            h = h.index_put((rows[:, None], torch.arange(image_start, end, device=h.device)[None, :]), visual)
+            slots = image_first[:, None] + torch.arange(image_start, end, device=h.device)[None, :]
+            flat = flat.index_put((slots,), visual)
         else:  # no image went in: the ViT's routing of an earlier batch must not be reported
             for block in self.vit.blocks:
                 if block.adapter_attn is not None:
                     block.adapter_attn.last_routing = None
-        return h
+        return flat.view(rows, length, dim)
 
     def hidden_states(self, batch: Batch, cache: KVCache | None = None) -> Tensor:
-        """Final-normed LLaMA hidden states [B, L, d] of a collated batch."""
-        h = self.embed(batch.tokens, batch.has_image, batch.images, batch.image_start)
-        return self.llama.hidden_states(embeddings=h, cache=cache, isolate_first=True)
+        """Final-normed LLaMA hidden states [B, L, d] of a collated batch, padded or packed."""
+        segments = Segments.build(batch.lengths, *batch.tokens.shape, batch.tokens.device, isolate_first=True)
+        h = self.embed(batch.tokens, batch.has_image, batch.images, batch.image_start, segments)
+        return self.llama.hidden_states(embeddings=h, cache=cache, segments=segments)
 
     def forward(self, batch: Batch) -> Tensor:
         """Logits [B, L, vocab] (fp32) of a collated batch."""

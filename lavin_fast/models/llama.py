@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lavin_fast.models.attention import attention, isolated_first_attention
+from lavin_fast.models.attention import attention, isolated_first_attention, packed_attention
+from lavin_fast.models.segments import Segments
 
 
 @dataclass(frozen=True)
@@ -176,19 +177,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 def rope_angles(head_dim: int, positions: Tensor, theta: float,
                 scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles, [L, head_dim / 2] fp32: position p, pair i turns by
+    """cos and sin of the rotary angles, [*positions.shape, head_dim / 2] fp32 (positions [L],
+    or [B, L] when every row has its own, as packed rows do): position p, pair i turns by
     p * f_i (`rope_frequencies`)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling, positions.device)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each adjacent pair (x_{2i}, x_{2i+1}) of x [B, L, H, Dh] by its angle (Meta's
-    complex multiplication written in reals). Computed in fp32, returned in x's dtype."""
+    complex multiplication written in reals; cos, sin [L, Dh/2] or [B, L, Dh/2]). Computed in
+    fp32, returned in x's dtype."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                 # broadcast over heads
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -240,17 +243,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, cache: LayerCache | None = None,
-                isolate_first: bool = False) -> Tensor:
-        """x [B, L, d] at positions start_pos.. -> [B, L, d]. isolate_first: LaVIN's mask
-        (nobody attends to position 0, which sees only itself)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Segments, start_pos: int = 0,
+                cache: LayerCache | None = None) -> Tensor:
+        """x [B, L, d] laid out as `segments` says -> [B, L, d]. With `segments.isolate_first`,
+        LaVIN's mask (nobody attends to a sample's first slot, which sees only itself)."""
         batch, length, _ = x.shape
         q = apply_rope(self.wq(x).view(batch, length, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, length, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(batch, length, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
-        if isolate_first:
+        if not segments.one_per_row:
+            if cache is not None:
+                raise ValueError("Attention: packed rows cannot be decoded with a KV cache")
+            out = packed_attention(q, k, v, segments)
+        elif segments.isolate_first:
             out = isolated_first_attention(q, k, v, start_pos=start_pos)
         else:
             out = attention(q, k, v, causal=True)
@@ -273,11 +280,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """h = x + attention(adapter_attn(attention_norm(x))); out = h + feed_forward(ffn_norm(h)).
 
-    `adapter_attn` (None in a plain LLaMA) is called as adapter(x, weights) and exposes the
-    routing weights it used as `last_routing` (the `MMAdapter` contract). Its router reads
-    position 0, so with a cache the weights computed while position 0 went through are kept
-    and passed back in at later positions (REFERENCE.md section 3: they depend on the
-    modality token alone).
+    `adapter_attn` (None in a plain LLaMA) is called as adapter(x, weights, first=...,
+    routing_index=...) and exposes the routing weights it used as `last_routing` (the
+    `MMAdapter` contract). Its router reads each sample's first slot, so with a cache the
+    weights computed while position 0 went through are kept and passed back in at later
+    positions (REFERENCE.md section 3: they depend on the modality token alone).
     """
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -288,8 +295,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config)
         self.adapter_attn: nn.Module | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int = 0, cache: LayerCache | None = None,
-                isolate_first: bool = False) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Segments, start_pos: int = 0,
+                cache: LayerCache | None = None) -> Tensor:
         h = self.attention_norm(x)
         if self.adapter_attn is not None:
             if cache is not None and start_pos > 0:
@@ -297,10 +304,10 @@ class TransformerBlock(nn.Module):
                     raise ValueError("decoding past position 0 needs the routing cached at position 0")
                 h = self.adapter_attn(h, weights=cache.routing)
             else:
-                h = self.adapter_attn(h)
+                h = self.adapter_attn(h, first=segments.first, routing_index=segments.routing_index)
                 if cache is not None:
                     cache.routing = self.adapter_attn.last_routing
-        x = x + self.attention(h, cos, sin, start_pos, cache, isolate_first)
+        x = x + self.attention(h, cos, sin, segments, start_pos, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -322,25 +329,34 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def hidden_states(self, tokens: Tensor | None = None, *, embeddings: Tensor | None = None, start_pos: int = 0,
-                      cache: KVCache | None = None, isolate_first: bool = False, rope_offset: int = 0) -> Tensor:
+                      cache: KVCache | None = None, isolate_first: bool = False,
+                      segments: Segments | None = None, rope_offset: int = 0) -> Tensor:
         """The final-normed hidden states [B, L, d] of `tokens` [B, L] or of `embeddings`
         [B, L, d] placed at positions start_pos.. (with `cache`, earlier positions are read
         from it and these are added to it). `rope_offset` shifts the rotary positions against
-        the cache's (-1 reproduces the reference's decode steps, REFERENCE.md section 9)."""
+        the cache's (-1 reproduces the reference's decode steps, REFERENCE.md section 9).
+
+        segments: where the samples sit in the rows (packed rows); None is one sample per row,
+        isolated first as `isolate_first` says (given segments carry their own choice)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("Transformer: pass exactly one of tokens or embeddings")
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         if h.dim() != 3 or h.shape[-1] != self.config.dim:
             raise ValueError(f"Transformer: expected [batch, length, {self.config.dim}] embeddings, got {tuple(h.shape)}")
-        length = h.shape[1]
-        positions = torch.arange(start_pos, start_pos + length, device=h.device) + rope_offset
-        cos, sin = rope_angles(self.config.head_dim, positions, self.config.rope_theta, self.config.rope_scaling)
+        if segments is None:
+            segments = Segments.build(None, h.shape[0], h.shape[1], h.device, start_pos=start_pos,
+                                      isolate_first=isolate_first)
+        elif tuple(segments.positions.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"Transformer: segments of {tuple(segments.positions.shape)} slots for a batch of "
+                             f"{tuple(h.shape[:2])}")
+        cos, sin = rope_angles(self.config.head_dim, segments.positions + rope_offset, self.config.rope_theta,
+                               self.config.rope_scaling)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None
             # Only h is positional: a tensor-parallel plan sees one input per layer (keyword
             # arguments pass through its input preparation untouched).
-            extra = dict(cos=cos, sin=sin, start_pos=start_pos, cache=layer_cache, isolate_first=isolate_first)
+            extra = dict(cos=cos, sin=sin, segments=segments, start_pos=start_pos, cache=layer_cache)
             if checkpointed:
                 h = checkpoint(layer, h, use_reentrant=False, **extra)
             else:
