@@ -90,8 +90,8 @@ def mm_adapter(
     [d, r/groups, 1] (grouped 1x1 convolutions), their biases [d]; routing: a table [T, 2] of
     routing weights (e.g. from `reference.route`). Row (b, n) of x reads routing[b] when
     routing_index is None (then routing is [B, 2]), else routing[routing_index[b, n]]
-    (routing_index: int32/int64 [B, N] with values in [0, T); checked, which syncs a CUDA
-    device once per call): padded batches pass row // N, packed rows their sample, per-token
+    (routing_index: int32/int64 [B, N] with values in [0, T); checked in eager mode, which syncs
+    a CUDA device once per call, and not inside torch.compile): padded batches pass row // N, packed rows their sample, per-token
     routing arange(B*N) into a [B*N, 2] table. `dropout` is the probability of zeroing a hidden
     unit (0 in eval). Under `torch.autocast` the op runs in the autocast dtype (x cast to it, the
     weights read as they are). Returns y [B, N, d] in x's dtype (the autocast dtype under
@@ -164,7 +164,10 @@ def _check_routing_index(op: str, routing_index: Tensor, routing: Tensor, x: Ten
         raise ValueError(f"{op}: routing_index must be int32 or int64, got {routing_index.dtype}")
     _expect_shape(op, "routing_index", routing_index, (batch, tokens))
     _expect_same_device(op, x, routing_index=routing_index)
-    if routing_index.numel():
+    # The value check reads the index on the host: a sync, and under torch.compile a graph break
+    # in every adapter (11 recompiles in 20 packed steps, tests/test_compile.py). A compiled
+    # graph checks shapes, dtypes and devices here and trusts the values.
+    if routing_index.numel() and not torch.compiler.is_compiling():
         low, high = (int(v) for v in torch.aminmax(routing_index))
         if low < 0 or high >= routing.shape[0]:
             raise ValueError(f"{op}: routing_index values must be in [0, {routing.shape[0]}) (rows of routing), "
