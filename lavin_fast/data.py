@@ -6,14 +6,25 @@ turns a list of samples into a LaVIN batch. Formats: REFERENCE.md sections 6-7.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from torch.utils.data import ConcatDataset, Dataset
+from tqdm import tqdm
 
 from lavin_fast import scienceqa
-from lavin_fast.scienceqa import DataError
+from lavin_fast.images import check_image
+from lavin_fast.io import atomic_write_text
+from lavin_fast.scienceqa import DataError, check_text
+
+log = logging.getLogger("lavin_fast.data")
+
+BAD_SAMPLES = ("error", "skip")   # what to do with a sample whose image is damaged
+SKIPPED_FILE = "skipped_samples.json"   # where a run lists the samples "skip" left out
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,48 @@ def scienceqa_samples(root: str | Path, split: str, use_caption: bool = False) -
     return SampleList(samples)
 
 
+def check_images(samples: Dataset, bad_samples: str = "error", progress: bool = True) -> tuple[SampleList, list[dict]]:
+    """Decode every image of `samples` before anything trains on them or evaluates them, so that a
+    damaged file stops a run at its start, not at the step that first draws it.
+
+    bad_samples: "error" raises a DataError naming the samples with a damaged image and their
+    files; "skip" leaves them out. Returns (the samples kept, in their order; one {id, image,
+    error} per sample left out). Each file is read once (LLaVA turns share an image), in threads:
+    PIL decodes without holding the GIL.
+    """
+    if bad_samples not in BAD_SAMPLES:
+        raise ValueError(f"bad_samples must be one of {BAD_SAMPLES}, got {bad_samples!r}")
+    everything = [samples[i] for i in range(len(samples))]
+    paths = list(dict.fromkeys(s.image for s in everything if s.image is not None))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = tqdm(pool.map(_image_problem, paths), total=len(paths), desc="check images", unit="image",
+                       disable=not progress)
+        problems = {path: problem for path, problem in zip(paths, checked) if problem is not None}
+    skipped = [{"id": s.id, "image": str(s.image), "error": problems[s.image]}
+               for s in everything if s.image in problems]
+    if skipped and bad_samples == "error":
+        listed = "; ".join(f"sample {s['id']}: {s['error']}" for s in skipped[:5])
+        raise DataError(f"{len(skipped)} of {len(everything)} samples have a damaged image "
+                        f"({listed}{'; ...' * (len(skipped) > 5)}); fix or remove the files, or pass "
+                        "--bad-samples skip to leave such samples out")
+    return SampleList([s for s in everything if s.image not in problems]), skipped
+
+
+def report_skipped(folder: Path, skipped: list[dict]) -> None:
+    """Warn about the samples `check_images` left out and list them all in folder/SKIPPED_FILE."""
+    atomic_write_text(folder / SKIPPED_FILE, json.dumps(skipped, indent=1))
+    log.warning("left out %d samples with a damaged image (listed in %s): %s", len(skipped), folder / SKIPPED_FILE,
+                "; ".join(f"{s['id']} ({s['image']})" for s in skipped[:10]) + "; ..." * (len(skipped) > 10))
+
+
+def _image_problem(path: Path) -> str | None:
+    try:
+        check_image(path)
+    except DataError as error:
+        return str(error)
+    return None
+
+
 def instruction_prompt(instruction: str, input_text: str = "") -> str:
     """The reference's instruction template: 'Instruction: {instruction} {input}\\nResponse:'."""
     return f"Instruction: {instruction} {input_text}\nResponse:"
@@ -62,14 +115,11 @@ def instruction_prompt(instruction: str, input_text: str = "") -> str:
 
 def _load_json_list(path: str | Path, what: str) -> list:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"missing {what} file {path}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from err
+    records = scienceqa.read_json(path, what)
     if not isinstance(records, list):
         raise DataError(f"{path} should hold a list of {what} records")
+    if not records:
+        raise DataError(f"{path} holds an empty list: no {what} records to train on")
     return records
 
 
@@ -78,7 +128,7 @@ def _field(record: Mapping, key: str, index: int, what: str, optional: bool = Fa
     if not isinstance(value, str):
         name = record.get("id", index) if isinstance(record, Mapping) else index
         raise DataError(f"{what} record {name}: field {key!r} should be a string, got {type(value).__name__}")
-    return value
+    return check_text(value, f"{what} record {record.get('id', index)}: field {key!r}")
 
 
 def alpaca_samples(path: str | Path) -> SampleList:
@@ -104,7 +154,11 @@ def llava_samples(path: str | Path, image_root: str | Path) -> SampleList:
             raise DataError(f"LLaVA record {rid}: conversations should be human/gpt pairs, got {turns!r:.80}")
         image = None
         if record.get("image"):
-            image = Path(image_root) / _field(record, "image", index, "LLaVA")
+            name = PurePath(_field(record, "image", index, "LLaVA"))
+            if name.is_absolute() or ".." in name.parts:   # lexical: symlinks inside the folder stay allowed
+                raise DataError(f"LLaVA record {rid}: image {str(name)!r} is outside the image folder "
+                                f"{image_root} (image paths must be relative to it, without '..')")
+            image = Path(image_root) / name
             if not image.is_file():
                 raise DataError(f"LLaVA record {rid}: image file {image} is missing")
         for turn, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):

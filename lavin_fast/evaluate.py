@@ -3,15 +3,17 @@ table, and plot the routing weights per layer (the paper's Fig. 4).
 
 Answers are parsed from the first "The answer is X." of the generated text; a text with no such
 sentence counts as wrong and is reported as unparsed (the reference guesses at random instead).
-Writes into `out`: predictions.json (pid -> generated text, parsed choice, correct choice),
-scores.json, table.md and routing.png.
+Writes into `out`: predictions.json (pid -> generated text, parsed choice, correct choice;
+rewritten atomically after every batch, so a crash keeps the batches done), scores.json,
+table.md, routing.png, and skipped_samples.json if `bad_samples="skip"` left questions out
+(those with a damaged image: not scored).
 """
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from lavin_fast import plots, scienceqa
 from lavin_fast.collate import Collator
-from lavin_fast.data import Sample, scienceqa_samples
+from lavin_fast.data import Sample, check_images, report_skipped, scienceqa_samples
 from lavin_fast.generation import generate
 from lavin_fast.io import atomic_write_text
 from lavin_fast.models.lavin import LaVIN
@@ -32,6 +34,7 @@ class EvalResult:
     scores: dict[str, float]
     unparsed: int
     predictions: dict[str, int | None]
+    skipped: list[dict] = field(default_factory=list)    # {id, image, error} of questions left out
 
     @property
     def table(self) -> str:
@@ -41,28 +44,35 @@ class EvalResult:
 def evaluate_scienceqa(model: LaVIN, collator: Collator, data_root: str | Path, split: str = "test", *,
                        batch_size: int = 16, max_new_tokens: int = 64, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int = 0, use_caption: bool = False, limit: int | None = None,
-                       out: str | Path | None = None, progress: bool = True) -> EvalResult:
-    """Generate, parse and score `split` (its first `limit` questions if given)."""
+                       out: str | Path | None = None, progress: bool = True, bad_samples: str = "error") -> EvalResult:
+    """Generate, parse and score `split` (its first `limit` questions if given); every image is
+    read first (`data.check_images`: a damaged one is an error, or with "skip" left out)."""
     problems = scienceqa.load_problems(data_root)
     samples = list(scienceqa_samples(data_root, split, use_caption))[:limit]
+    checked, skipped = check_images(samples, bad_samples, progress)
+    samples = checked.samples
     # Batches of similar prompt lengths: generation steps through the longest prompt of a batch
     # one position at a time past the shortest, so mixed lengths cost decode steps.
     samples.sort(key=lambda s: len(collator.layout.prompt_tokens(s.prompt, s.image is not None)))
-    texts: dict[str, str] = {}
+    out = Path(out) if out is not None else None
+    if out is not None and skipped:
+        report_skipped(out, skipped)
+    records: dict[str, dict] = {}
     for start in tqdm(range(0, len(samples), batch_size), desc=f"eval {split}", unit="batch", disable=not progress):
         chunk = samples[start:start + batch_size]
         images = [collator.image_loader(s.image) if s.image is not None else None for s in chunk]
         outputs = generate(model, collator.layout, [s.prompt for s in chunk], images,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start)
-        texts.update({s.id: text for s, text in zip(chunk, outputs)})
-    predictions = {pid: scienceqa.parse_answer(text, len(problems[pid]["choices"])) for pid, text in texts.items()}
+        for sample, text in zip(chunk, outputs):
+            problem = problems[sample.id]
+            records[sample.id] = {"output": text, "prediction": scienceqa.parse_answer(text, len(problem["choices"])),
+                                  "answer": problem["answer"]}
+        if out is not None:   # the whole file again (atomic): a crash keeps every batch done so far
+            atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
+    predictions = {pid: record["prediction"] for pid, record in records.items()}
     result = EvalResult(scienceqa.score(problems, predictions), sum(p is None for p in predictions.values()),
-                        predictions)
+                        predictions, skipped)
     if out is not None:
-        out = Path(out)
-        records = {pid: {"output": texts[pid], "prediction": predictions[pid], "answer": problems[pid]["answer"]}
-                   for pid in texts}
-        atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
         atomic_write_text(out / "scores.json", json.dumps({**result.scores, "unparsed": result.unparsed}, indent=1))
         atomic_write_text(out / "table.md", result.table + "\n")
         plot_routing(model, collator, samples, out / "routing.png")

@@ -23,6 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+# What PIL raises on a damaged file: verify() reports a bad PNG checksum as SyntaxError.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def preprocess(image: Image.Image | str | Path, size: int = 224, normalization: str = "imagenet") -> Tensor:
@@ -41,6 +43,21 @@ def preprocess(image: Image.Image | str | Path, size: int = 224, normalization: 
     return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def check_image(path: str | Path) -> None:
+    """Raise DataError naming `path` unless it is an intact image that `preprocess` can read.
+
+    verify() reads the container without decoding (PNG chunk checksums, a missing end chunk:
+    damage a decode alone lets through); the full decode the collator does then catches a
+    truncated JPEG, which verify() passes. About the cost of one collation of the image.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.verify()
+    except _UNREADABLE as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    _load_rgb(path)
+
+
 def _load_rgb(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -49,7 +66,7 @@ def _load_rgb(image: Image.Image | str | Path) -> Image.Image:
     try:
         with Image.open(image) as opened:
             return opened.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except (OSError, Image.DecompressionBombError) as error:
+    except _UNREADABLE as error:
         raise DataError(f"cannot read image {image}: {error}") from error
 
 

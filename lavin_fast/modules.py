@@ -5,6 +5,8 @@ reference `adapter_proj` (activation="silu"). Both pick their backend through `l
 """
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from lavin_fast import ops, reference
@@ -33,6 +35,10 @@ class MMAdapter(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        if not (isinstance(groups, int) and groups >= 1):
+            raise ValueError(f"MMAdapter: groups must be a positive int, got {groups!r}")
+        if not math.isfinite(temperature) or temperature <= 0:   # the router divides by it
+            raise ValueError(f"MMAdapter: temperature must be a finite number > 0, got {temperature}")
         if dim % groups or hidden_dim % groups:
             raise ValueError(
                 f"MMAdapter: dim ({dim}) and hidden_dim ({hidden_dim}) must be divisible by groups ({groups})"
@@ -63,10 +69,14 @@ class MMAdapter(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] overrides the router (and gets a
-        gradient). The weights used are kept, detached, in `self.last_routing`."""
+        gradient). The weights used are kept, detached, in `self.last_routing` (None when N = 0
+        and nothing was routed: the output is then empty)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MMAdapter: x must be [batch, tokens, {self.dim}], got {tuple(x.shape)}")
         if weights is None:
+            if x.shape[1] == 0:   # no first token to route on, and no token to adapt
+                self.last_routing = None
+                return x.clone()
             weights = self.route(x[:, 0])
         self.last_routing = weights.detach()
         return ops.mm_adapter(
@@ -85,6 +95,9 @@ class MMAdapter(nn.Module):
                 f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")
 
 
+NECK_ACTIVATIONS = ("silu", "swiglu")
+
+
 class VisualNeck(nn.Module):
     """Maps the ViT's CLS features [..., in_dim] to the LLM's width [..., out_dim].
 
@@ -98,8 +111,8 @@ class VisualNeck(nn.Module):
     def __init__(self, in_dim: int = 1024, hidden_dim: int = 128, out_dim: int = 4096,
                  activation: str = "silu") -> None:
         super().__init__()
-        if activation not in ("silu", "swiglu"):
-            raise ValueError(f"VisualNeck: activation must be 'silu' or 'swiglu', got {activation!r}")
+        if activation not in NECK_ACTIVATIONS:
+            raise ValueError(f"VisualNeck: activation must be one of {NECK_ACTIVATIONS}, got {activation!r}")
         self.in_dim, self.hidden_dim, self.out_dim, self.activation = in_dim, hidden_dim, out_dim, activation
         self.conv_A = nn.Linear(in_dim, hidden_dim * (2 if activation == "swiglu" else 1))
         self.conv_B = nn.Linear(hidden_dim, out_dim)

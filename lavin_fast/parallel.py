@@ -37,6 +37,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lavin_fast.errors import UserError
+
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); (rank, world).
@@ -54,10 +56,10 @@ def build_mesh(dp: int | None, tp: int) -> DeviceMesh | None:
     """The ("dp", "tp") mesh; dp defaults to world / tp. None when running as one process."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if tp < 1 or world % tp:
-        raise ValueError(f"--tp {tp} must divide the number of processes ({world})")
+        raise UserError(f"--tp {tp} must divide the number of processes ({world})")
     dp = dp or world // tp
     if dp * tp != world:
-        raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} processes, but torchrun started {world}")
+        raise UserError(f"--dp {dp} x --tp {tp} = {dp * tp} processes, but torchrun started {world}")
     if world == 1:
         return None
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from lavin_fast.errors import UserError
 from lavin_fast.io import atomic_write_text
 
 REQUIRED_FIELDS = {
@@ -27,13 +28,26 @@ REQUIRED_FIELDS = {
     "lecture": str, "solution": str, "split": str,
 }
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+# The splits of the ScienceQA release's pid_splits.json.
+SPLITS = ("train", "val", "test", "trainval", "minitrain", "minival", "minitest")
 CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ANSWER = re.compile(r"The answer is ([A-Z])\.")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data record or a missing file, with the record's id in the message."""
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` if it is valid Unicode, else a DataError naming `where`: JSON's "\\ud800" escapes
+    give Python strings with lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: text is not valid Unicode (lone surrogate {text[error.start]!r} at "
+                        f"character {error.start} of {text[:60]!r})") from None
+    return text
 
 
 # ----------------------------------------------------------------------------- reading
@@ -52,6 +66,10 @@ def validate_problem(pid: str, problem: Mapping) -> None:
     choices = problem["choices"]
     if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
         raise DataError(f"ScienceQA record {pid}: choices must be 2-26 strings, got {choices!r}")
+    for field in [f for f, kind in REQUIRED_FIELDS.items() if kind is str]:
+        check_text(problem[field], f"ScienceQA record {pid}, field {field!r}")
+    for choice in choices:
+        check_text(choice, f"ScienceQA record {pid}, field 'choices'")
     if not 0 <= problem["answer"] < len(choices):
         raise DataError(f"ScienceQA record {pid}: answer {problem['answer']} is not an index into "
                         f"its {len(choices)} choices")
@@ -68,18 +86,22 @@ def _grade_number(pid: str, grade: str) -> int | None:
     return int(match.group(1)) if match and 1 <= int(match.group(1)) <= 12 else None
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path, what: str = "ScienceQA") -> object:
+    """The JSON value in `path` (a `what` data file); a DataError naming the file if it is missing,
+    not UTF-8 or not JSON."""
     if not path.is_file():
-        raise DataError(f"missing ScienceQA file {path}")
+        raise DataError(f"missing {what} file {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON: {err}") from err
 
 
 def load_problems(root: str | Path) -> dict[str, dict]:
     """problems.json, every record validated."""
-    problems = _read_json(Path(root) / "problems.json")
+    problems = read_json(Path(root) / "problems.json")
     if not isinstance(problems, dict):
         raise DataError(f"{Path(root) / 'problems.json'} should map pid -> record")
     for pid, problem in problems.items():
@@ -89,10 +111,17 @@ def load_problems(root: str | Path) -> dict[str, dict]:
 
 def load_split(root: str | Path, split: str, problems: Mapping[str, dict] | None = None) -> list[str]:
     """The pids of `split` from pid_splits.json (checked against problems.json if given)."""
-    splits = _read_json(Path(root) / "pid_splits.json")
+    path = Path(root) / "pid_splits.json"
+    splits = read_json(path)
+    if not isinstance(splits, dict):
+        raise DataError(f"{path} should map split name -> list of pids, got {type(splits).__name__}")
     if split not in splits:
         raise DataError(f"split {split!r} not in pid_splits.json (has {sorted(splits)})")
-    pids = [str(pid) for pid in splits[split]]
+    entries = splits[split]
+    # A string would be read one character at a time ("12" -> pids "1", "2").
+    if not isinstance(entries, list) or not all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in entries):
+        raise DataError(f"{path}: split {split!r} should be a list of pids (strings or ints), got {entries!r:.80}")
+    pids = [str(pid) for pid in entries]
     if problems is not None:
         unknown = [pid for pid in pids if pid not in problems]
         if unknown:
@@ -102,9 +131,14 @@ def load_split(root: str | Path, split: str, problems: Mapping[str, dict] | None
 
 def load_captions(root: str | Path) -> dict[str, str]:
     """captions.json's {"captions": {pid: caption}}."""
-    captions = _read_json(Path(root) / "captions.json")
+    path = Path(root) / "captions.json"
+    captions = read_json(path)
     if not isinstance(captions, dict) or not isinstance(captions.get("captions"), dict):
-        raise DataError(f"{Path(root) / 'captions.json'} should hold {{'captions': {{pid: text}}}}")
+        raise DataError(f"{path} should hold {{'captions': {{pid: text}}}}")
+    for pid, caption in captions["captions"].items():
+        if not isinstance(caption, str):
+            raise DataError(f"{path}: caption of record {pid} should be a string, got {type(caption).__name__}")
+        check_text(caption, f"{path}: caption of record {pid}")
     return captions["captions"]
 
 

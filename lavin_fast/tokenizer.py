@@ -11,7 +11,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.io import atomic_write
+from lavin_fast.scienceqa import check_text
 
 
 class Tokenizer:
@@ -22,7 +24,10 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer: no sentencepiece model at {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as error:  # sentencepiece's own message: "could not parse ModelProto ..."
+            raise CheckpointError(f"Tokenizer: {path} is not a sentencepiece model: {error}") from error
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -31,6 +36,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode takes a str, got {type(text).__name__}")
+        check_text(text, "Tokenizer.encode")   # sentencepiece's own error says nothing of the text
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:

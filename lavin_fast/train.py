@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -38,14 +39,21 @@ from torch.utils.data import Dataset
 
 from lavin_fast import data, recipe
 from lavin_fast.collate import Collator, SequenceLayout
-from lavin_fast.images import preprocess
+from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
+from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
-from lavin_fast.models.lavin import LaVIN
+from lavin_fast.models.lavin import PRESETS, LaVIN
+from lavin_fast.modules import NECK_ACTIVATIONS
+from lavin_fast.scienceqa import SPLITS
 from lavin_fast.tokenizer import Tokenizer
 
 log = logging.getLogger("lavin_fast.train")
 
 DATASETS = ("scienceqa", "alpaca", "llava", "chatbot")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+# AdamW moves every weight by about the learning rate per step: far above this a run diverges
+# to NaN (LaVIN's own peak is about 1e-3).
+MAX_LR = 1.0
 
 
 @dataclass
@@ -72,6 +80,7 @@ class TrainConfig:
     fake_data: bool = False                  # write and train on a fake ScienceQA tree
     image_normalization: str = "imagenet"
     max_len: int = 512
+    bad_samples: str = "error"               # a damaged image: stop before training (error) or skip
     # recipe (paper + reference scripts)
     epochs: int = 20
     max_steps: int | None = None
@@ -96,12 +105,105 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.data not in DATASETS:
-            raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.effective_batch < 1 or self.micro_batch < 1 or self.epochs < 1:
-            raise ValueError("effective_batch, micro_batch and epochs must be positive")
+        """Refuse, before anything loads, every value that can only fail later or train on NaN."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, options in CHOICES.items():
+            if (value := getattr(self, name)) not in options and not (value is None and defaults[name] is None):
+                raise UserError(f"{_flag(name)} must be one of {options}, got {value!r}")
+        for name, ok, requirement in _RULES:
+            if not ok(value := getattr(self, name)):
+                raise UserError(f"{_flag(name)} must be {requirement}, got {value!r}")
+        if self.effective_batch % (self.micro_batch * (self.dp or 1)):
+            raise UserError(f"--effective-batch {self.effective_batch} must be a multiple of --micro-batch "
+                            f"{self.micro_batch}" + (f" x --dp {self.dp}" if self.dp else ""))
+        if not self.peak_lr <= MAX_LR:
+            source = "--lr" if self.lr is not None else "--base-lr x --effective-batch / 256"
+            raise UserError(f"the peak learning rate ({source}) is {self.peak_lr:.3g}, more than {MAX_LR}: AdamW "
+                            "moves every weight by about the learning rate per step, so this run would diverge")
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate after warmup: --lr, or --base-lr scaled by the effective batch."""
+        return self.lr if self.lr is not None else recipe.scaled_lr(self.base_lr, self.effective_batch)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _finite(value) -> bool:
+    """An int or float that is not NaN or infinite (and not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The fields with a fixed set of values (None stays allowed where it is the default), and the
+# rules of the others: (field, predicate, what the value must be). Checked by __post_init__.
+CHOICES = {"preset": PRESETS, "data": DATASETS, "split": SPLITS, "image_normalization": tuple(NORMALIZATIONS),
+           "neck_activation": NECK_ACTIVATIONS, "dtype": DTYPES, "bad_samples": data.BAD_SAMPLES}
+_RULES = (
+    ("temperature", lambda v: v is None or _finite(v) and v > 0,
+     "a finite number > 0 (the router's softmax divides by it)"),
+    ("adapter_dropout", lambda v: v is None or _finite(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    ("base_lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("lr", lambda v: v is None or _finite(v) and v > 0, "a finite number > 0"),
+    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("warmup_epochs", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("epochs", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("max_steps", lambda v: v is None or _finite(v) and v >= 1, "at least 1"),
+    ("effective_batch", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("micro_batch", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("max_len", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("dp", lambda v: v is None or _finite(v) and v >= 1, "at least 1"),
+    ("tp", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("save_every", lambda v: _finite(v) and v >= 0, "at least 0 (0: once per epoch)"),
+    ("keep_checkpoints", lambda v: _finite(v) and v >= 0, "at least 0 (0: keep all)"),
+)
+
+# One sentence per TrainConfig field: the --help of `python -m lavin_fast.train` and `lavin-fast train`.
+HELP = {
+    "preset": "Model: LaVIN on LLaMA-7B or LLaMA-13B with CLIP ViT-L/14, or the tiny demo model.",
+    "llama": "Meta or Hugging Face LLaMA checkpoint folder.",
+    "clip": "OpenAI CLIP .pt file or Hugging Face CLIP folder.",
+    "tokenizer": "The LLaMA's sentencepiece tokenizer.model.",
+    "adapters": "Adapter weights to start from (a lavin_fast adapter file or the reference's checkpoint-E.pth).",
+    "temperature": "Router softmax temperature of the MM-Adapters, > 0; not a sampling temperature "
+                   "(default: the preset's, 10 for 7b and 5 for 13b).",
+    "adapter_dropout": "Dropout of the adapters' hidden units, in [0, 1) (default: the preset's).",
+    "neck_activation": "Activation of the visual neck: silu (the reference's code) or swiglu (the paper's Eq. 6) "
+                       "(default: the preset's, silu).",
+    "data": "Training data: ScienceQA, Alpaca (text only), LLaVA (with images), or chatbot (Alpaca and LLaVA).",
+    "data_root": "ScienceQA folder (problems.json, pid_splits.json, images/).",
+    "split": "ScienceQA split to train on.",
+    "use_caption": "Put the captions of captions.json into the ScienceQA prompts.",
+    "alpaca": "Alpaca JSON file (for --data alpaca or chatbot).",
+    "llava": "LLaVA instruction JSON file (for --data llava or chatbot).",
+    "llava_images": "Folder of the LLaVA images (for --data llava or chatbot).",
+    "fake_data": "Write a small fake ScienceQA tree under --out and train on it.",
+    "image_normalization": "Image preprocessing: imagenet (the reference's stretch, ImageNet statistics) or clip "
+                           "(CLIP's own resize, center crop and statistics).",
+    "bad_samples": "A sample whose image is damaged: stop before training (error) or leave it out and list it "
+                   "in skipped_samples.json (skip).",
+    "max_len": "Longest sequence in tokens; a longer prompt loses its start.",
+    "epochs": "Passes over the training data.",
+    "max_steps": "Optimizer steps of the run, > 0, instead of --epochs (warmup and cosine decay fit into them).",
+    "effective_batch": "Samples per optimizer step, over all data-parallel ranks.",
+    "micro_batch": "Samples per forward pass on one rank (the rest of a step is gradient accumulation).",
+    "base_lr": "Learning rate per 256 samples: the peak is --base-lr x --effective-batch / 256.",
+    "lr": f"Absolute peak learning rate, in (0, {MAX_LR}]; replaces --base-lr.",
+    "weight_decay": "AdamW weight decay, >= 0.",
+    "warmup_epochs": "Epochs of linear warmup before the cosine decay, >= 0.",
+    "seed": "Random seed of the adapters' initialisation, the data order and dropout.",
+    "dtype": "Dtype of the frozen backbones; auto is bf16 on CUDA and fp32 on a CPU.",
+    "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
+    "dp": "Data-parallel ranks (default: the number of processes / --tp).",
+    "tp": "Tensor-parallel ranks per model replica.",
+    "sequence_parallel": "With --tp, split the RMSNorms' tokens over the tensor-parallel ranks (less memory).",
+    "out": "Output folder of the run.",
+    "save_every": "Optimizer steps between checkpoints, >= 0 (0: once per epoch).",
+    "keep_checkpoints": "Newest checkpoints to keep, >= 0 (0: all).",
+    "resume": "Continue the run in --out from its latest checkpoint.",
+    "progress": "Show a progress bar on stderr.",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,17 +221,16 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Every TrainConfig field as --kebab-case (booleans as --flag / --no-flag); defaults are
     left out so that a value given in --config is only overridden by an explicit flag."""
-    parser = parser or argparse.ArgumentParser(prog="lavin_fast.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    parser = parser or ArgumentParser(prog="python -m lavin_fast.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags override it.")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         kind = _field_type(f)
-        default = f.default
+        text = HELP[f.name] + ("" if f.default is None else f" (default: {f.default})")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"(default {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"(default {default})")
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(f.name), help=text)
     return parser
 
 
@@ -140,17 +241,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read config file {path}: {error}") from error
+            raise UserError(f"cannot read config file {path}: {error}") from error
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"config file {path} has unknown keys: {unknown}")
+            raise UserError(f"config file {path} has unknown keys: {unknown}")
         for key, value in values.items():
             kind = _field_type(fields[key])
             ok = value is None or (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
                                    or (kind is float and type(value) is int))
             if not ok:
-                raise ValueError(f"config file {path}: {key} should be {kind.__name__}, got {value!r}")
+                raise UserError(f"config file {path}: {key} should be {kind.__name__}, got {value!r}")
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
     return TrainConfig(**values)
 
@@ -178,7 +279,7 @@ def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **updates)
     if cfg.preset == "tiny" and (cfg.tokenizer is None or cfg.llama is None or cfg.clip is None):
         if cfg.data != "scienceqa" or cfg.data_root is None:
-            raise ValueError("--preset tiny without --tokenizer/--llama/--clip needs ScienceQA data (--fake-data)")
+            raise UserError("--preset tiny without --tokenizer/--llama/--clip needs ScienceQA data (--fake-data)")
         paths = tiny.tiny_backbones(out / "backbones", Path(cfg.data_root), seed=cfg.seed)
         cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or str(v) for k, v in paths.items()})
     return cfg
@@ -190,7 +291,7 @@ def build_model(cfg: TrainConfig, device: torch.device,
     `parallelize` (a tensor-parallel plan) is applied before the LLaMA's weights are read."""
     missing = [name for name in ("llama", "clip", "tokenizer") if getattr(cfg, name) is None]
     if missing:
-        raise ValueError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
+        raise UserError(f"missing --{', --'.join(missing)} (paths to the {cfg.preset} checkpoints; "
                          "only --preset tiny --fake-data makes its own)")
     overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
                                    ("neck_activation", cfg.neck_activation)) if v is not None}
@@ -206,7 +307,7 @@ def build_dataset(cfg: TrainConfig) -> Dataset:
     def need(name: str) -> str:
         value = getattr(cfg, name)
         if value is None:
-            raise ValueError(f"--data {cfg.data} needs --{name.replace('_', '-')}")
+            raise UserError(f"--data {cfg.data} needs --{name.replace('_', '-')}")
         return value
 
     if cfg.data == "scienceqa":
@@ -268,21 +369,22 @@ def train(cfg: TrainConfig) -> Path:
     cfg = session.cfg
     out = Path(cfg.out)
     device = session.device
+    # Every image is read once before the model loads: a damaged one stops the run here.
+    dataset, skipped = data.check_images(build_dataset(cfg), cfg.bad_samples, cfg.progress and session.is_main)
     torch.manual_seed(cfg.seed)                  # the same fresh adapters on every rank
     random.seed(cfg.seed)
     model, tokenizer = build_model(cfg, device, session.tensor_parallel_plan())
     # Dropout masks: the same within a tensor-parallel group (its ranks hold replicas of the
     # adapters and must compute the same thing), different across data-parallel ranks.
     torch.manual_seed(cfg.seed + 1 + session.dp_rank)
-    dataset = build_dataset(cfg)
     collator = build_collator(model, tokenizer, cfg)
     steps_per_epoch = len(dataset) // cfg.effective_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples are fewer than one effective batch of {cfg.effective_batch}")
+        raise UserError(f"{len(dataset)} samples are fewer than one effective batch of {cfg.effective_batch}")
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
     # --max-steps sets the run's length; warmup and cosine then fit into it.
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    peak_lr = cfg.lr if cfg.lr is not None else recipe.scaled_lr(cfg.base_lr, cfg.effective_batch)
+    peak_lr = cfg.peak_lr
 
     model = session.data_parallel(model)
     optimizer = recipe.build_optimizer(model, peak_lr, cfg.weight_decay)
@@ -302,6 +404,8 @@ def train(cfg: TrainConfig) -> Path:
     if session.is_main:
         atomic_write_text(out / "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         state.records = _read_log_until(out / "log.jsonl", state.step)
+        if skipped:
+            data.report_skipped(out, skipped)
         log.info("LaVIN %s: %d trainable parameters; %d samples, %d steps (%d per epoch), peak lr %.3g, "
                  "dp %d x tp %d, device %s", cfg.preset, model.num_trainable(), len(dataset), total_steps,
                  steps_per_epoch, peak_lr, session.dp_size, session.tp_size, device)
@@ -347,8 +451,9 @@ def train(cfg: TrainConfig) -> Path:
         from lavin_fast import plots
 
         plots.loss_curve(out / "log.jsonl", out / "loss.png")
-        log.info("done: %d steps, last loss %.4f; adapters in %s", state.step, state.records[-1]["loss"],
-                 out / "adapters.safetensors")
+        log.info("done: %d steps, last loss %.4f; adapters in %s%s", state.step, state.records[-1]["loss"],
+                 out / "adapters.safetensors",
+                 f"; {len(skipped)} samples with a damaged image left out ({data.SKIPPED_FILE})" if skipped else "")
     session.export_adapters(model, out / "adapters.safetensors")
     session.close()
     return out
@@ -402,8 +507,8 @@ def _progress(cfg: TrainConfig, session, start: int, total: int):
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LAVIN_FAST_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    cfg = config_from_args(build_parser().parse_args(argv))
-    train(cfg)
+    with one_line_user_errors():
+        train(config_from_args(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

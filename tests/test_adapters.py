@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -281,6 +282,26 @@ def test_future_format_and_inconsistent_metadata_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="inconsistent: metadata temperature 5.0"):
         read_adapter_config(odd)
 
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, value):
+    """In both formats: a diverged run's NaN/Inf adapters would make every answer NaN. Refused
+    before anything is copied: the model keeps its values."""
+    donor = randomize(tiny(), seed=11)
+    with torch.no_grad():
+        donor.vit.blocks[2].adapter_attn.conv_B.weight[0, 0] = value
+    ours = save_adapters(donor, tmp_path / "diverged.safetensors")
+    reference = tmp_path / "checkpoint-3.pth"
+    torch.save(reference_checkpoint(reference_state(donor)), reference)
+    for path, named in [(ours, "vit.blocks.2.adapter_attn.conv_B.weight"),
+                        (reference, "module.backbone.visual.transformer.resblocks.2.adapter_attn.conv_B.weight")]:
+        model = tiny()
+        before = adapter_values(model)
+        message = re.escape(str(path)) + ".*" + re.escape(named) + ".* 1 NaN or infinite"
+        with pytest.raises(CheckpointError, match=message):
+            load_adapters(model, path)
+        assert_same(adapter_values(model), before)
 
 def test_loading_into_a_meta_model_is_refused(tmp_path):
     path = save_adapters(tiny(), tmp_path / "a.safetensors")

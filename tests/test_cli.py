@@ -46,7 +46,7 @@ def load_run(run, adapters=True):
     return model.eval(), training.build_collator(model, tokenizer, cfg), cfg
 
 
-def test_generate_prints_what_the_library_generates(run, tmp_path, capsys):
+def test_generate_prints_what_the_library_generates(run, tmp_path, capsys, monkeypatch):
     from lavin_fast.generation import generate
 
     picture = tmp_path / "red.png"
@@ -59,6 +59,7 @@ def test_generate_prints_what_the_library_generates(run, tmp_path, capsys):
         pixels = collator.image_loader(image) if image else None
         [expected] = generate(model, collator.layout, [prompt], [pixels], max_new_tokens=5)
         assert capsys.readouterr().out == expected + "\n"
+    monkeypatch.setenv("LAVIN_FAST_DEBUG", "1")      # the error itself, not its one line
     with pytest.raises(FileNotFoundError, match="not a training run folder"):
         cli.main(["generate", "--run", str(tmp_path), "--prompt", "hi"])
 

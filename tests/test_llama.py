@@ -409,6 +409,45 @@ def test_meta_bad_folders_and_params(tmp_path):
         load_llama(bad_params)
 
 
+
+@pytest.mark.parametrize("edit, named", [
+    ({"dim": "64"}, "dim '64' (expected an integer)"),
+    ({"n_heads": 4.7}, "n_heads 4.7 (expected an integer)"),
+    ({"n_layers": 3.0}, "n_layers 3.0 (expected an integer)"),
+    ({"multiple_of": True}, "multiple_of True (expected an integer)"),
+    ({"n_kv_heads": "2"}, "n_kv_heads '2' (expected an integer or null)"),
+    ({"vocab_size": [100]}, "vocab_size [100] (expected an integer)"),
+    ({"norm_eps": "1e-5"}, "norm_eps '1e-5' (expected a number)"),
+    ({"rope_theta": None}, "rope_theta None (expected a number)"),
+    ({"ffn_dim_multiplier": "1.5"}, "ffn_dim_multiplier '1.5' (expected a number or null)"),
+])
+def test_meta_params_of_the_wrong_json_type_are_refused(tmp_path, edit, named):
+    """params.json sizes are JSON integers: "64" or 4.7 is a damaged file, never coerced."""
+    folder, params = _meta_case(tmp_path)
+    (folder / "params.json").write_text(json.dumps({**params, **edit}))
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / "params.json")) + ".*" + re.escape(named)):
+        load_llama(folder)
+
+
+def test_integer_weights_are_refused_naming_file_and_key(tmp_path, hf_folder):
+    """Meta shards, Hugging Face safetensors and pytorch_model.bin: integer weights would be
+    converted into other numbers (or break the forward); refused at open, with or without dtype."""
+    folder, _ = _meta_case(tmp_path / "meta")
+    _edit_shard(folder, 1, lambda sd: sd.__setitem__("layers.2.ffn_norm.weight", sd["layers.2.ffn_norm.weight"].long()))
+    state = load_file(hf_folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].to(torch.int8)
+    st = _hf_attempt(hf_folder, tmp_path / "st", state=state)
+    pt = _hf_attempt(hf_folder, tmp_path / "pt", state=state)
+    (pt / "model.safetensors").unlink()
+    torch.save(state, pt / "pytorch_model.bin")
+    for path, file, named in [(folder, "consolidated.01.pth", "layers.2.ffn_norm.weight (torch.int64)"),
+                              (st, "model.safetensors", "model.layers.1.mlp.up_proj.weight (I8)"),
+                              (pt, "pytorch_model.bin", "model.layers.1.mlp.up_proj.weight (torch.int8)")]:
+        for dtype in (None, torch.float32):
+            with pytest.raises(CheckpointError, match=re.escape(str(path / file)) + ".*not floating point: "
+                               + re.escape(named)):
+                load_llama(path, dtype=dtype)
+
 # ---- Hugging Face strictness and configurations --------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,12 @@ the code under test.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import sentencepiece as spm
 
+from lavin_fast.checkpoints.strict import CheckpointError
 from lavin_fast.tokenizer import Tokenizer
 
 CORPUS = [
@@ -106,3 +109,11 @@ def test_errors(tmp_path, tokenizer):
         model_type="bpe", bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(ValueError, match="BOS/EOS"):
         Tokenizer(tmp_path / "nobos.model")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a sentencepiece model", b"{\"model\": {\"type\": \"BPE\"}}"])
+def test_a_file_that_is_not_sentencepiece_is_a_checkpoint_error_naming_it(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)  # empty, junk, a Hugging Face tokenizer.json by the wrong name
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + " is not a sentencepiece model"):
+        Tokenizer(path)

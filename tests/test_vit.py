@@ -399,6 +399,194 @@ def test_not_a_checkpoint(tmp_path):
         load_clip(tmp_path / "nowhere.pt")
 
 
+
+
+def test_damaged_files_are_checkpoint_errors_naming_the_file(openai_files, tmp_path):
+    """Truncated safetensors (a file, or a Hugging Face folder's), a config.json that is not JSON
+    or whose vision_config is not an object: one CheckpointError naming the file."""
+    data = (openai_files / "state.safetensors").read_bytes()
+    for length in (5, len(data) // 2):
+        (tmp_path / "cut.safetensors").write_bytes(data[:length])
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "cut.safetensors"))):
+            load_clip(tmp_path / "cut.safetensors")
+    _hf_model().save_pretrained(tmp_path / "hf")
+    model_file, config_file = tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"
+    config = config_file.read_text()
+    for text in ("{not json", "[1, 2]", json.dumps({"vision_config": "ViT-L/14"})):
+        config_file.write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(str(config_file))):
+            load_clip(tmp_path / "hf")
+    config_file.write_text(config)
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(str(model_file))):
+        load_clip(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("save", ["pth", "safetensors", "hf"])
+def test_integer_weights_are_refused_naming_the_key(openai_files, tmp_path, save):
+    """Integer weights would break the forward (no dtype) or become other numbers (a dtype):
+    refused either way; OpenAI's integer bookkeeping buffers, unused, are not weights."""
+    if save == "hf":
+        model = _hf_model()
+        model.save_pretrained(tmp_path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        key = _prefix(model) + "encoder.layers.1.mlp.fc1.weight"
+        path, file = tmp_path, tmp_path / "model.safetensors"
+    else:
+        state = torch.load(openai_files / "state.pth", weights_only=True)
+        assert state["input_resolution"].dtype == torch.int64  # stays accepted
+        key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+        path = file = tmp_path / f"bad.{save}"
+    state[key] = (100 * state[key]).to(torch.int16)
+    if save == "pth":
+        torch.save(state, file)
+    else:
+        save_file(state, file)
+    for dtype in (None, torch.float32):
+        with pytest.raises(CheckpointError, match=re.escape(str(file)) + ".*not floating point: " + re.escape(key)):
+            load_clip(path, taps=(1,), dtype=dtype)
+
+# ---- TorchScript archives are read, never run -----------------------------------------------------
+
+class MarkerWriter(nn.Module):
+    """TorchScript whose `__setstate__` writes a file: what torch.jit.load would run while loading."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.weight, self.marker, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.weight, self.marker, self.training = state
+        torch.save(torch.zeros(1), self.marker)
+
+
+@pytest.fixture
+def no_torchscript_runtime(monkeypatch):
+    """torch.jit.load (and the C++ importer beneath it) fail: an archive must be read without them."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the TorchScript runtime was asked to load a checkpoint")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch._C, "import_ir_module", refuse)
+
+
+def _malicious_archive(openai_clip: nn.Module, folder, where: str):
+    """OpenAI's CLIP with a MarkerWriter attached at `where` ("visual" or the root), scripted and
+    saved; returns (archive, marker path)."""
+    marker = folder / f"marker-{where}"
+    model = copy.deepcopy(openai_clip)
+    (model.visual if where == "visual" else model).intruder = MarkerWriter(str(marker))
+    archive = folder / f"intruder-{where}.pt"
+    torch.jit.script(model).save(str(archive))
+    assert not marker.exists()
+    return archive, marker
+
+
+def _outcome(load, marker):
+    """`load()`'s result or the exception it raised; whichever, the marker must not exist."""
+    try:
+        return load()
+    except Exception as error:  # noqa: BLE001 - the caller checks which
+        return error
+    finally:
+        assert not marker.exists(), "loading ran code from the checkpoint"
+
+
+def test_torchscript_archive_code_never_runs_through_load_clip(openai_clip, openai_files, tmp_path):
+    """Outside the vision tower the intruder is never touched and the load succeeds; inside it,
+    its state cannot be named without running its code, so the load fails, naming it."""
+    archive, marker = _malicious_archive(openai_clip, tmp_path, "root")
+    loaded = _outcome(lambda: load_clip(archive, taps=(2, 4)), marker)
+    reference = load_clip(openai_files / "state.pth", taps=(2, 4))
+    assert isinstance(loaded, VisionTransformer), loaded
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in reference.state_dict().items())
+
+    archive, marker = _malicious_archive(openai_clip, tmp_path, "visual")
+    error = _outcome(lambda: load_clip(archive, taps=(2, 4)), marker)
+    assert isinstance(error, CheckpointError), error
+    assert re.search(re.escape(str(archive)) + ".*visual.intruder.*__getstate__", str(error)), error
+
+
+def _llama_folder(folder):
+    from lavin_fast.checkpoints.llama import save_llama
+    from lavin_fast.models.llama import LlamaConfig, Transformer
+
+    return save_llama(Transformer(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)), folder)
+
+
+def test_torchscript_archive_code_never_runs_through_from_pretrained_and_the_cli(tmp_path, monkeypatch):
+    from lavin_fast import cli
+
+    monkeypatch.setenv("LAVIN_FAST_DEBUG", "1")  # the CLI re-raises the error it would print in one line
+    from lavin_fast.models.lavin import LaVIN
+
+    torch.manual_seed(3)
+    clip = OAICLIP(layers=6)  # the default taps need six blocks
+    llama = _llama_folder(tmp_path / "llama")
+    tokenizer = tmp_path / "missing-tokenizer.model"  # read after the backbones: reached only past the CLIP
+    for where in ("root", "visual"):
+        archive, marker = _malicious_archive(clip, tmp_path, where)
+        model = _outcome(lambda: LaVIN.from_pretrained(llama=llama, clip=archive, preset="tiny"), marker)
+        cli_error = _outcome(lambda: cli.main(["generate", "--preset", "tiny", "--llama", str(llama), "--clip",
+                                               str(archive), "--tokenizer", str(tokenizer), "--prompt", "hi"]), marker)
+        if where == "root":
+            assert isinstance(model, LaVIN), model
+            assert isinstance(cli_error, FileNotFoundError) and str(tokenizer) in str(cli_error), cli_error
+        else:
+            for error in (model, cli_error):
+                assert isinstance(error, CheckpointError) and "visual.intruder" in str(error), error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torchscript_archive_loads_exactly_like_its_state_dict(openai_clip, tmp_path, no_torchscript_runtime, dtype):
+    """Read without the TorchScript runtime, tensor for tensor equal to the same weights saved as a
+    state dict: fp16 as OpenAI ships them, one tensor stored transposed (non-contiguous)."""
+    model = copy.deepcopy(openai_clip).to(dtype)
+    with torch.no_grad():
+        weight = model.visual.transformer.resblocks[1].mlp.c_fc.weight
+        weight.set_(weight.detach().t().contiguous().t())
+    assert not weight.is_contiguous()
+    torch.jit.script(model).save(str(tmp_path / "ViT.pt"))
+    torch.save(model.state_dict(), tmp_path / "state.pth")
+    from_archive = load_clip(tmp_path / "ViT.pt", taps=(1, 4)).state_dict()
+    from_state = load_clip(tmp_path / "state.pth", taps=(1, 4)).state_dict()
+    assert from_archive.keys() == from_state.keys()
+    for key, tensor in from_state.items():
+        assert from_archive[key].dtype == dtype and torch.equal(from_archive[key], tensor), key
+
+
+def test_torchscript_archive_with_foreign_globals_is_refused(tmp_path):
+    """A data.pkl that needs any callable beyond torch's tensor rebuilding is refused, naming it,
+    before anything runs; so is an archive with no vision tower."""
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return torch.save, (torch.zeros(1), str(marker))
+
+    for name, payload in [("payload", {"visual": Payload()}), ("no_visual", {"text": 1})]:
+        archive = tmp_path / f"{name}.pt"
+        with zipfile.ZipFile(archive, "w") as zipped:
+            zipped.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+            zipped.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        with pytest.raises(CheckpointError, match=re.escape(str(archive))):
+            load_clip(archive)
+    with pytest.raises(CheckpointError, match="torch.serialization.save"):
+        load_clip(tmp_path / "payload.pt")
+    assert not marker.exists()
+
 # ---- the model itself ---------------------------------------------------------------------------------
 
 def _tiny_vit(seed: int = 0, layers: int = 3) -> VisionTransformer:

@@ -264,7 +264,15 @@ def _read_lavin_fast(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     for key, value in tensors.items():
         if not value.is_floating_point():  # copy_ would silently turn integers into floats
             raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected float32")
+        _check_finite(value, key, path)
     return metadata, tensors
+
+
+def _check_finite(value: Tensor, key: str, path: Path) -> None:
+    """NaN or Inf in a trained parameter (a diverged run) would make every output NaN: refused."""
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise CheckpointError(f"{path}: {key} holds {bad} NaN or infinite values (of {value.numel()})")
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> LaVINConfig:
@@ -360,6 +368,7 @@ def _read_reference(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             raise CheckpointError(f"{path}: model[{key!r}] holds "
                                   f"{value.dtype if isinstance(value, Tensor) else type(value).__name__}, "
                                   f"expected a floating-point tensor")
+        _check_finite(value, f"model[{key!r}]", path)
         tensors[key] = value
     if not tensors:
         raise CheckpointError(f"{path}: its 'model' holds no adapter parameters (no key contains 'adapter')")

@@ -27,16 +27,19 @@ Keys LaVIN does not use are dropped by an exact list (`ln_post`/`post_layernorm`
 text tower, logit scale, bookkeeping buffers); every other key must match the model in name and
 shape, or a `CheckpointError` names it in the checkpoint's own spelling.
 
+A TorchScript archive is never run (torch.jit.load would run code from the file): its pickled
+module tree is read as inert records (`strict.torchscript_tensors`) and only the `visual.*`
+tensors are taken; a module of the vision tower that keeps its state through its own
+`__getstate__` is refused, naming it.
+
 Memory: the model is built on the meta device and takes the checkpoint's tensors by assignment;
-safetensors and zip-format torch files are memory-mapped and only the keys used are read. A
-TorchScript archive cannot be mapped: it is read whole once, and what LaVIN does not use is freed.
+safetensors and zip-format torch files are memory-mapped and only the keys used are read. Of a
+TorchScript archive only the vision tower's storages are read, into memory.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +47,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
+from lavin_fast.checkpoints.strict import (
+    CheckpointError,
+    check_floating,
+    check_state_dict,
+    flat_state_dict,
+    is_torchscript_archive,
+    load_strict,
+    open_safetensors,
+    read_json,
+    torch_load,
+    torchscript_tensors,
+)
 from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer
 
 # ours -> checkpoint, for the parameters outside the blocks and inside block N.
@@ -152,6 +166,7 @@ def load_clip(
     state = {}
     for key in ours:
         parts = [checkpoint.read(part) for part in names[key]]
+        check_floating({part: tensor.dtype for part, tensor in zip(names[key], parts)}, checkpoint.source)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         state[key] = tensor.detach().to(device=device, dtype=dtype)
     load_strict(model, state, checkpoint.source)
@@ -197,12 +212,8 @@ def _open_file(path: Path) -> _Checkpoint:
     source = f"CLIP checkpoint {path}"
     if path.suffix == ".safetensors":
         return _open_safetensors(path, source)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(name.endswith("/constants.pkl") for name in archive.namelist())
-        if scripted:  # weights_only loading refuses TorchScript; it cannot be memory-mapped either
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            return _from_mapping(state, source)
+    if is_torchscript_archive(path):  # read without running it; only the vision tower's tensors
+        return _from_mapping(torchscript_tensors(path, "visual", source), source)
     return _from_mapping(_torch_load(path, source), source)
 
 
@@ -220,9 +231,7 @@ def _from_mapping(state: object, source: str) -> _Checkpoint:
 
 
 def _open_safetensors(path: Path, source: str) -> _Checkpoint:
-    from safetensors import safe_open
-
-    handle = safe_open(str(path), framework="pt", device="cpu")  # mapped; tensors read on demand
+    handle = open_safetensors(path)  # mapped; tensors read on demand
     shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     return _Checkpoint(source, shapes, handle.get_tensor)
 
@@ -260,8 +269,11 @@ def _open_hf(folder: Path) -> tuple[_Checkpoint, ViTConfig, str]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"Hugging Face CLIP folder {folder} has no config.json")
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
-    config = _hf_config(raw.get("vision_config", raw), config_file)
+    raw = read_json(config_file)
+    vision = raw.get("vision_config", raw)
+    if not isinstance(vision, Mapping):
+        raise CheckpointError(f"{config_file}: vision_config holds a {type(vision).__name__}, not a JSON object")
+    config = _hf_config(vision, config_file)
     if (folder / "model.safetensors").is_file():
         checkpoint = _open_safetensors(folder / "model.safetensors", f"CLIP checkpoint {folder / 'model.safetensors'}")
     elif (folder / "pytorch_model.bin").is_file():

@@ -68,7 +68,16 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, flat_state_dict, load_strict, torch_load
+from lavin_fast.checkpoints.strict import (
+    CheckpointError,
+    check_floating,
+    check_state_dict,
+    flat_state_dict,
+    load_strict,
+    open_safetensors,
+    read_json,
+    torch_load,
+)
 from lavin_fast.models.llama import LlamaConfig, Transformer
 
 # ---- Meta ----------------------------------------------------------------------------------------
@@ -87,6 +96,12 @@ META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
 META_REQUIRED = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
+# The JSON types params.json's values that shape the model must have (null: absent).
+_INTEGER, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
+META_TYPES = {"dim": _INTEGER, "n_layers": _INTEGER, "n_heads": _INTEGER, "vocab_size": _INTEGER,
+              "multiple_of": _INTEGER, "n_kv_heads": ((int, type(None)), "an integer or null"),
+              "ffn_dim_multiplier": ((int, float, type(None)), "a number or null"),
+              "norm_eps": _NUMBER, "rope_theta": _NUMBER}
 
 # ---- Hugging Face --------------------------------------------------------------------------------
 
@@ -401,7 +416,7 @@ class _MetaSource(LlamaSource):
 
 def _open_meta(folder: Path, max_seq_len: int) -> LlamaSource:
     params_file = folder / "params.json"
-    params = _read_json(params_file)
+    params = read_json(params_file)
     files = _meta_shard_files(folder)
     shards = [_torch_load(file) for file in files]
     sources = [f"Meta LLaMA shard {file} ({rank + 1} of {len(files)}; shapes per shard)"
@@ -423,6 +438,7 @@ def _open_meta(folder: Path, max_seq_len: int) -> LlamaSource:
     for shard, source in zip(shards, sources):
         found = {key: value for key, value in shard.items() if not META_UNUSED.fullmatch(key)}
         check_state_dict(expected, found, source)
+        check_floating({key: value.dtype for key, value in found.items()}, source)
     for key in shapes:  # the replicated weights (norms: small) must be equal, or the merge is broken
         if _split_dim(key) is None:
             for shard, file in zip(shards[1:], files[1:]):
@@ -454,6 +470,10 @@ def _meta_config(params: Mapping, params_file: Path, shard0: Mapping[str, Tensor
     unknown = sorted(set(params) - META_PARAMS)
     if unknown:
         raise CheckpointError(f"{params_file}: unknown keys {unknown}: this loader does not know what they change")
+    mistyped = [f"{key} {params[key]!r} (expected {kind})" for key, (types, kind) in META_TYPES.items()
+                if key in params and (isinstance(params[key], bool) or not isinstance(params[key], types))]
+    if mistyped:  # "128" or 4.7 is a damaged or hand-edited file, not a size to round
+        raise CheckpointError(f"{params_file}: wrong types: {', '.join(mistyped)}")
     missing = [key for key in META_REQUIRED if key not in params]
     if missing:
         raise CheckpointError(f"{params_file}: missing {missing}")
@@ -508,7 +528,7 @@ class _HFSource(LlamaSource):
 
 def _open_hf(folder: Path, max_seq_len: int) -> LlamaSource:
     config_file = folder / "config.json"
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     config, tied = _hf_config(raw, config_file, max_seq_len)
     checkpoint = _open_hf_weights(folder)
 
@@ -604,7 +624,7 @@ def _open_hf_weights(folder: Path) -> _Checkpoint:
 
 def _open_sharded(index_file: Path) -> _Checkpoint:
     """A sharded save: the index's weight_map (key -> file name) must agree with the files."""
-    weight_map = _read_json(index_file).get("weight_map")
+    weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index_file} has no weight_map")
     checkpoint = _Checkpoint(f"Hugging Face LLaMA checkpoint {index_file}")
@@ -627,13 +647,9 @@ def _add_file(checkpoint: _Checkpoint, file: Path) -> None:
     """Register the tensors of one weight file (safetensors mapped and read on demand; a torch
     file loaded with mmap)."""
     if file.name.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as error:
-            raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from error
+        handle = open_safetensors(file)
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        check_floating({key: handle.get_slice(key).get_dtype() for key in handle.keys()}, str(file))
 
         def read(key: str, dim: int | None, start: int, length: int | None) -> Tensor:
             if dim is None:
@@ -644,6 +660,7 @@ def _add_file(checkpoint: _Checkpoint, file: Path) -> None:
     else:
         state = _torch_load(file)
         shapes = {key: tuple(value.shape) for key, value in state.items()}
+        check_floating({key: value.dtype for key, value in state.items()}, str(file))
 
         def read(key: str, dim: int | None, start: int, length: int | None) -> Tensor:
             return state[key] if dim is None else state[key].narrow(dim, start, length)
@@ -670,16 +687,6 @@ def _check(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], checkpoi
 
 
 # ---- files ---------------------------------------------------------------------------------------
-
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{file} is not readable JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object")
-    return value
-
 
 def _torch_load(file: Path) -> dict[str, Tensor]:
     try:

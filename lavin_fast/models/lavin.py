@@ -29,6 +29,7 @@ from lavin_fast.models.vit import ViTConfig, VisionTransformer
 from lavin_fast.modules import MMAdapter, VisualNeck
 
 TRAINABLE_MARK = "adapter"
+PRESETS = ("7b", "13b", "tiny")          # the names of LaVINConfig.from_preset
 
 
 @dataclass
@@ -237,8 +238,11 @@ class LaVIN(nn.Module):
     def loss(self, batch: Batch) -> Tensor:
         """Mean cross-entropy over the batch's answer tokens and EOS (REFERENCE.md section 5).
         The output head runs on those positions only."""
-        hidden = self.hidden_states(batch)
         counted = batch.targets != IGNORE
+        if not counted.any():   # the mean over no token is NaN
+            raise ValueError("LaVIN.loss: the batch has no answer tokens (every target is IGNORE), "
+                             "so it has no loss; leave such batches out")
+        hidden = self.hidden_states(batch)
         logits = self.llama.output(hidden[counted]).float()
         return F.cross_entropy(logits, batch.targets[counted])
 
