@@ -9,7 +9,10 @@ Providers:
 - eager_addmm:    a good eager formulation: one linear down, one K = 2r matmul up
                   (`lavin_fast.reference.mm_adapter`, the library's torch backend);
 - compile_conv:   `torch.compile` of reference_conv (GPU only: CPU compilation is slow and
-                  proves nothing about the kernels).
+                  proves nothing about the kernels);
+- native:         on a CPU where csrc/ is built, the same op's native C++ kernel takes the
+                  place of lavin_fast (CPU_SHAPES, results `mm_adapter_cpu`); `--quick` on a CPU
+                  runs the Triton kernels in the interpreter instead.
 
 Modes: fwd (inputs requiring grad, as in training), bwd (the backward alone, through
 autograd), fwdbwd. Bytes counted at the floor (ENGINEERING.md): forward reads x and writes y
@@ -30,7 +33,7 @@ if not torch.cuda.is_available():            # the kernels run in Triton's inter
 import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
-from lavin_fast import reference  # noqa: E402
+from lavin_fast import native, reference  # noqa: E402
 from lavin_fast.kernels.mm_adapter import mm_adapter as fused  # noqa: E402
 
 GROUPS, HIDDEN, SCALE = 2, 8, 1.0
@@ -39,6 +42,7 @@ FULL_SHAPES = ([("ViT-L", b, 257, 1024) for b in (8, 32, 64)]
                + [("7B", b, 512, 4096) for b in (1, 4, 8, 16, 32)]
                + [("13B", b, 512, 5120) for b in (1, 4, 16)])
 QUICK_SHAPES = [("quick", 2, 9, 96)]
+CPU_SHAPES = [("ViT-L", 8, 257, 1024), ("cpu", 8, 512, 1024)]
 
 
 def reference_conv(x, routing, conv_a, bias_a, conv_b, bias_b, conv_d, bias_d):
@@ -66,14 +70,14 @@ def make_problem(batch, tokens, dim, dtype, device):
     return x, routing, conv, dense
 
 
-def providers(x, routing, conv, dense):
+def providers(x, routing, conv, dense, fused_name="lavin_fast"):
     """name -> (inputs that require grad, forward closure)."""
     lowp_conv = {k: v.to(x.dtype).requires_grad_() for k, v in conv.items()}
     lowp_dense = {k: v.to(x.dtype).requires_grad_() for k, v in dense.items()}
     master = {k: v.clone().requires_grad_() for k, v in conv.items()}
     routing_g = routing.clone().requires_grad_()
     out = {
-        "lavin_fast": ([*master.values()], lambda xx: fused(
+        fused_name: ([*master.values()], lambda xx: fused(
             xx, master["conv_a"].squeeze(-1), master["bias_a"], master["conv_b"].squeeze(-1), master["bias_b"],
             master["conv_d"].squeeze(-1), master["bias_d"], routing_g, None, SCALE)),
         "reference_conv": ([*lowp_conv.values()], lambda xx: reference_conv(xx, routing_g.to(x.dtype), **lowp_conv)),
@@ -107,15 +111,19 @@ def measure(name, params, forward, x, mode, quick):
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0], "benchmarks/results")
     dev = harness.device()
-    quick = args.quick or dev.type == "cpu"
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    native_cpu = dev.type == "cpu" and not args.quick and native.available()
+    if dev.type == "cpu":   # the op's CPU kernel: native C++, or Triton's interpreter under --quick
+        os.environ["LAVIN_FAST_BACKEND"] = "native" if native_cpu else "triton"
+    quick = args.quick or (dev.type == "cpu" and not native_cpu)
+    shapes = CPU_SHAPES if native_cpu else QUICK_SHAPES if quick else FULL_SHAPES
     dtypes = ["fp32"] if dev.type == "cpu" else args.dtypes.split(",")
     copy_gbs = harness.copy_bandwidth_gbs(2**28 if not quick else 2**20, quick)
     rows = []
     for dtype_name in dtypes:
         for model, batch, tokens, dim in shapes:
             x, routing, conv, dense = make_problem(batch, tokens, dim, harness.DTYPES[dtype_name], dev)
-            for name, (params, forward) in providers(x, routing, conv, dense).items():
+            fused_name = "native" if native_cpu else "lavin_fast"
+            for name, (params, forward) in providers(x, routing, conv, dense, fused_name).items():
                 for mode, floor_elems in (("fwd", 2), ("bwd", 3), ("fwdbwd", 5)):
                     ms, peak = measure(name, params, forward, x, mode, quick)
                     gbs = floor_elems * x.numel() * x.element_size() / ms / 1e6
@@ -128,7 +136,7 @@ def main() -> None:
                     all(r[k] == row[k] for k in ("model", "B", "d", "dtype", "mode")))
         row["speedup_vs_reference"] = base["ms"] / row["ms"]
     title = f"MM-Adapter (r={HIDDEN}, groups={GROUPS}); copy bandwidth {copy_gbs:.0f} GB/s"
-    harness.write_results(rows, args.out, "mm_adapter" + ("_quick" if quick else ""), title,
+    harness.write_results(rows, args.out, "mm_adapter" + ("_cpu" if native_cpu else "_quick" if quick else ""), title,
                           plot=lambda meta: plot(rows, meta, copy_gbs))
 
 

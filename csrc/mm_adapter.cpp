@@ -126,7 +126,8 @@ void forward_rows(const Params& p, const at::Tensor& x, at::Tensor& y, at::Tenso
     for (int64_t m = begin; m < end; ++m) {
       const float* xr = row_as_float(xs, row_offset(x, m, p.tokens), d, x_buf.data());
       float* h = hds + m * r;
-      for (int64_t i = 0; i < r; ++i) h[i] = dot(xr, A + i * d, d) + a[i];
+      for (int64_t i = 0; i < r; i += 4) dot4(xr, A + i * d, d, std::min<int64_t>(4, r - i), d, h + i);
+      for (int64_t i = 0; i < r; ++i) h[i] += a[i];
       if (dropout_p > 0) {
         dropout_row(seed, m, r, dropout_p, mask.data());
         for (int64_t i = 0; i < r; ++i) h[i] *= mask[i];
@@ -213,11 +214,13 @@ void backward_blocks(const Params& p, const at::Tensor& dy, const at::Tensor& x,
         const float* g = dy_rows[q];
         const float* hd = hds + m * r;
         for (int64_t k = 0; k * dg < d; ++k) {
-          for (int64_t j = 0; j < rg; ++j) {
-            dhw0[k * rg + j] = s * dot(g + k * dg, UbT + j * d + k * dg, dg);
-            dhw1[k * rg + j] = s * dot(g + k * dg, UdT + j * d + k * dg, dg);
+          for (int64_t j = 0; j < rg; j += 4) {
+            const int64_t n = std::min<int64_t>(4, rg - j);
+            dot4(g + k * dg, UbT + j * d + k * dg, d, n, dg, dhw0.data() + k * rg + j);
+            dot4(g + k * dg, UdT + j * d + k * dg, d, n, dg, dhw1.data() + k * rg + j);
           }
         }
+        for (int64_t i = 0; i < r; ++i) dhw0[i] *= s, dhw1[i] *= s;
         float dw0 = s * dot(g, ub, d), dw1 = s * dot(g, ud, d);
         for (int64_t i = 0; i < r; ++i) dw0 += hd[i] * dhw0[i], dw1 += hd[i] * dhw1[i];
         dw_rows[2 * m] = dw0, dw_rows[2 * m + 1] = dw1;
@@ -233,25 +236,27 @@ void backward_blocks(const Params& p, const at::Tensor& dy, const at::Tensor& x,
       }
       for (int64_t c0 = 0; c0 < d; c0 += kColTile) {   // pass 2
         const int64_t c1 = std::min(d, c0 + kColTile), width = c1 - c0;
-        for (int64_t q = 0; q < rows; ++q) {
-          const float *g = dy_rows[q] + c0, *xr = x_rows[q] + c0, *dhq = dh.data() + q * r;
+        for (int64_t q = 0; q < rows; ++q) {   // dx = dy + dh A, one store per element
+          const float *g = dy_rows[q] + c0, *dhq = dh.data() + q * r;
           float* out = kFloat ? reinterpret_cast<float*>(dxs + (m0 + q) * d) + c0 : dx_tile.data();
           std::copy(g, g + width, out);
-          for (int64_t i = 0; i < r; ++i) {
-            axpy(dhq[i], A + i * d + c0, out, width);
-            axpy(dhq[i], xr, part + layout.dA + i * d + c0, width);
-          }
+          for (int64_t i = 0; i < r; ++i) axpy(dhq[i], A + i * d + c0, out, width);
           if constexpr (!kFloat) at::vec::convert(out, dxs + (m0 + q) * d + c0, width);
-          for (int64_t k = c0 / dg; k * dg < c1; ++k) {   // the groups this tile meets
-            const int64_t lo = std::max(c0, k * dg), n = std::min(c1, (k + 1) * dg) - lo;
-            for (int64_t j = 0; j < rg; ++j) {
-              axpy(hw0[q * r + k * rg + j], dy_rows[q] + lo, part + layout.dUb + j * d + lo, n);
-              axpy(hw1[q * r + k * rg + j], dy_rows[q] + lo, part + layout.dUd + j * d + lo, n);
-            }
-          }
-          axpy(sw[2 * q], g, part + layout.dub + c0, width);
-          axpy(sw[2 * q + 1], g, part + layout.dud + c0, width);
         }
+        // The block's rows summed into the tile of each gradient, eight outputs at a time.
+        for (int64_t i = 0; i < r; i += 8) {   // dA += dh^T x
+          accumulate_rows(rows, x_rows.data(), dh.data() + i, r, std::min<int64_t>(8, r - i),
+                          part + layout.dA + i * d, d, c0, c1);
+        }
+        for (int64_t k = c0 / dg; k * dg < c1; ++k) {   // dU_e^T += (s w_e hd)^T dy, the groups this tile meets
+          const int64_t lo = std::max(c0, k * dg), hi = std::min(c1, (k + 1) * dg);
+          for (int64_t j = 0; j < rg; j += 8) {
+            const int64_t n = std::min<int64_t>(8, rg - j);
+            accumulate_rows(rows, dy_rows.data(), hw0.data() + k * rg + j, r, n, part + layout.dUb + j * d, d, lo, hi);
+            accumulate_rows(rows, dy_rows.data(), hw1.data() + k * rg + j, r, n, part + layout.dUd + j * d, d, lo, hi);
+          }
+        }
+        accumulate_rows(rows, dy_rows.data(), sw.data(), 2, 2, part + layout.dub, d, c0, c1);   // du_e (dud = dub + d)
       }
     }
   });

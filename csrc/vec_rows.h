@@ -27,6 +27,58 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// out[u] = sum_c a[c] b[u * b_stride + c] for u < n <= 4: a read once for four dot products,
+// four independent accumulators (no FMA latency chain). Same order for any thread count.
+inline void dot4(const float* a, const float* b, int64_t b_stride, int64_t n_dots, int64_t n, float* out) {
+  Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec va = Vec::loadu(a + c);
+    for (int64_t u = 0; u < 4; ++u) {
+      if (u < n_dots) acc[u] = at::vec::fmadd(va, Vec::loadu(b + u * b_stride + c), acc[u]);
+    }
+  }
+  for (int64_t u = 0; u < n_dots; ++u) {
+    float lanes[Vec::size()];
+    acc[u].store(lanes);
+    float sum = 0.0f;
+    for (int i = 0; i < Vec::size(); ++i) sum += lanes[i];
+    for (int64_t k = c; k < n; ++k) sum += a[k] * b[u * b_stride + k];
+    out[u] = sum;
+  }
+}
+
+// out[u * out_stride + c] += sum_q coef[q * coef_stride + u] src[q][c] for u < n_out <= 8,
+// c in [c0, c1): a block of rows summed into up to eight outputs with the accumulators in
+// registers (one read-modify-write of each output per block, not per row).
+inline void accumulate_rows(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
+                            int64_t n_out, float* out, int64_t out_stride, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + Vec::size() <= c1; c += Vec::size()) {
+    Vec acc[8];
+    for (int64_t u = 0; u < 8; ++u) {
+      if (u < n_out) acc[u] = Vec::loadu(out + u * out_stride + c);
+    }
+    for (int64_t q = 0; q < rows; ++q) {
+      const Vec v = Vec::loadu(src[q] + c);
+      const float* k = coef + q * coef_stride;
+      for (int64_t u = 0; u < 8; ++u) {
+        if (u < n_out) acc[u] = at::vec::fmadd(Vec(k[u]), v, acc[u]);
+      }
+    }
+    for (int64_t u = 0; u < 8; ++u) {
+      if (u < n_out) acc[u].store(out + u * out_stride + c);
+    }
+  }
+  for (; c < c1; ++c) {
+    for (int64_t u = 0; u < n_out; ++u) {
+      float acc = out[u * out_stride + c];
+      for (int64_t q = 0; q < rows; ++q) acc += coef[q * coef_stride + u] * src[q][c];
+      out[u * out_stride + c] = acc;
+    }
+  }
+}
+
 // y[c] += alpha x[c]
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   const Vec va(alpha);

@@ -38,8 +38,9 @@ class NativeUnavailable(RuntimeError):
 
 
 def source_dir() -> Path:
-    """csrc/ of this checkout (an editable install; a wheel does not ship it)."""
-    return Path(__file__).resolve().parent.parent / "csrc"
+    """The C++ sources: lavin_fast/csrc in an installed wheel, csrc/ beside the package in a checkout."""
+    here = Path(__file__).resolve().parent
+    return here / "csrc" if (here / "csrc").is_dir() else here.parent / "csrc"
 
 
 def cache_dir() -> Path:
