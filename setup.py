@@ -12,13 +12,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lavin_fast", "lavin_fast.*"]) + ["lavin_fast.kernels"],
-    package_dir={"lavin_fast": "lavin_fast", "lavin_fast.kernels": "kernels"},
+    packages=find_packages(include=["lavin_fast", "lavin_fast.*"]) + ["lavin_fast.kernels", "lavin_fast.csrc"],
+    package_dir={"lavin_fast": "lavin_fast", "lavin_fast.kernels": "kernels", "lavin_fast.csrc": "csrc"},
+    # The C++ sources ship as data: lavin_fast.native compiles them with ninja on first use (no
+    # build step at install, so a CPU install never builds against another torch).
+    package_data={"lavin_fast.csrc": ["*.cpp", "*.h"]},
     install_requires=[
         # A range, not a pin: GPU users keep the CUDA build they already have.
         "torch>=2.6,<2.15",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
+        "ninja",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",  # Hugging Face tokenizer.json (LLaMA-3.x)

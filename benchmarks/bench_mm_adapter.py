@@ -14,6 +14,11 @@ Providers:
 - compile_addmm:  `torch.compile` of eager_addmm (GPU only: CPU compilation proves nothing here);
 - one_launch:     (decode only) a copy of x, one kernel launch: the latency floor of any call.
 
+On a CPU where csrc/ is built (and without --quick) the same op runs its native C++ kernel: the
+module rows are then named native / native_dropout, the raw Triton launches are left out, the
+shapes are CPU_SHAPES and the results `mm_adapter_cpu`. `--quick` on a CPU runs the Triton kernels
+in the interpreter instead (a check that the benchmark runs, not a measurement).
+
 Modes: fwd (as in training: inputs require grad), fwdbwd (forward and every gradient), and for the
 raw kernels bwd (the backward launch alone). Decode shapes (one token per sample) are forward only.
 Bytes counted at the floor (ENGINEERING.md): forward reads x and writes y (2 M d e), backward
@@ -38,7 +43,7 @@ if not torch.cuda.is_available():            # the kernels run in Triton's inter
 import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
-from lavin_fast import MMAdapter, reference  # noqa: E402
+from lavin_fast import MMAdapter, native, reference  # noqa: E402
 from lavin_fast.kernels import mm_adapter as kernels  # noqa: E402
 
 GROUPS, HIDDEN, SCALE = 2, 8, 1.0
@@ -46,6 +51,7 @@ GROUPS, HIDDEN, SCALE = 2, 8, 1.0
 FULL_SHAPES = [("7B", 4, 512, 4096), ("7B", 32, 512, 4096), ("13B", 4, 512, 5120), ("ViT-L", 32, 257, 1024),
                ("7B decode", 8, 1, 4096)]
 QUICK_SHAPES = [("quick", 2, 9, 96), ("quick decode", 3, 1, 96)]
+CPU_SHAPES = [("ViT-L", 8, 257, 1024), ("cpu", 8, 512, 1024)]
 FLOOR_ELEMENTS = {"fwd": 2, "bwd": 3, "fwdbwd": 5}   # x-sized tensors moved at the floor
 
 
@@ -98,8 +104,9 @@ def raw_launch(function, **available):
     return lambda: function(**kwargs)
 
 
-def providers(module, x, routing, decode):
-    """name -> {mode: closure to time}."""
+def providers(module, x, routing, decode, native_cpu=False):
+    """name -> {mode: closure to time}; with `native_cpu` the module runs the native C++ kernel
+    and the raw Triton launches are left out."""
     weights = kernel_weights(module)
     dense = {k: weights[k] for k in ("down_weight", "down_bias", "up_weight", "up_bias")}
     conv = {k: v.detach().to(x.dtype).requires_grad_() for k, v in dict(
@@ -123,13 +130,15 @@ def providers(module, x, routing, decode):
         return autograd_modes(forward, list(module.parameters()))
 
     addmm = lambda inp: reference.mm_adapter(inp, routing_g, *lowp.values(), SCALE)  # noqa: E731
-    out = {"module": module_with(0.0), "module_dropout": module_with(0.1)}
-    arguments = dict(x=x, routing=routing, routing_index=None, scale=SCALE, config=None, **weights)
-    raw_forward = raw_launch(kernels.mm_adapter_forward, **arguments)
-    out["kernels"] = {"fwd": raw_forward}
-    if not decode:
-        _, hd = raw_forward()
-        out["kernels"]["bwd"] = raw_launch(kernels.mm_adapter_backward, dy=dy, hd=hd, **arguments)
+    name = "native" if native_cpu else "module"
+    out = {name: module_with(0.0), f"{name}_dropout": module_with(0.1)}
+    if not native_cpu:
+        arguments = dict(x=x, routing=routing, routing_index=None, scale=SCALE, config=None, **weights)
+        raw_forward = raw_launch(kernels.mm_adapter_forward, **arguments)
+        out["kernels"] = {"fwd": raw_forward}
+        if not decode:
+            _, hd = raw_forward()
+            out["kernels"]["bwd"] = raw_launch(kernels.mm_adapter_backward, dy=dy, hd=hd, **arguments)
     out["reference_conv"] = autograd_modes(lambda inp: reference_conv(inp, routing_g.to(x.dtype), **conv),
                                            [*conv.values(), routing_g])
     out["eager_addmm"] = autograd_modes(addmm, [*lowp.values(), routing_g])
@@ -146,16 +155,19 @@ def providers(module, x, routing, decode):
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     dev = harness.device()
-    quick = args.quick or dev.type == "cpu"
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    native_cpu = dev.type == "cpu" and not args.quick and native.available()
+    if native_cpu:
+        os.environ["LAVIN_FAST_BACKEND"] = "native"
+    quick = args.quick or (dev.type == "cpu" and not native_cpu)
+    shapes = CPU_SHAPES if native_cpu else QUICK_SHAPES if quick else FULL_SHAPES
     dtypes = ["fp32"] if dev.type == "cpu" else args.dtypes.split(",")
     copy_gbs = harness.copy_bandwidth_gbs(2**28 if not quick else 2**20, quick)
-    log = harness.RowLog(args.out, "mm_adapter" + ("_quick" if quick else ""))
+    log = harness.RowLog(args.out, "mm_adapter" + ("_cpu" if native_cpu else "_quick" if quick else ""))
     for dtype_name in dtypes:
         for model, batch, tokens, dim in shapes:
             module, x, routing = make_problem(batch, tokens, dim, harness.DTYPES[dtype_name], dev)
             decode = tokens == 1
-            for name, modes in providers(module, x, routing, decode).items():
+            for name, modes in providers(module, x, routing, decode, native_cpu).items():
                 for mode, run in modes.items():
                     ms = harness.time_ms(run, quick)
                     gbs = FLOOR_ELEMENTS[mode] * x.numel() * x.element_size() / ms / 1e6

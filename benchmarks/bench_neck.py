@@ -5,7 +5,10 @@ Providers:
 - eager:      the reference's formulation, `Linear -> SiLU -> Linear` (for swiglu the gated
               unit), weights in the activation dtype as autocast gives them — for the neck the
               reference's way is already the good eager way (two addmm);
-- compile:    `torch.compile` of that (GPU only).
+- compile:    `torch.compile` of that (GPU only);
+- native:     on a CPU where csrc/ is built, the same op's native C++ kernel takes the place of
+              lavin_fast (CPU_SHAPES, results `neck_cpu`); `--quick` on a CPU runs the Triton
+              kernels in the interpreter instead.
 
 At LaVIN's shapes (M = 6 CLS tokens x batch, 1024 -> 128 -> d) the weights dominate the bytes:
 the floor is reading x, the weights and biases once and writing y (forward); reading dy, x and
@@ -24,12 +27,13 @@ if not torch.cuda.is_available():            # the kernels run in Triton's inter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import harness  # noqa: E402
-from lavin_fast import reference  # noqa: E402
+from lavin_fast import native, reference  # noqa: E402
 from lavin_fast.kernels.visual_neck import visual_neck as fused  # noqa: E402
 
 FULL_SHAPES = [(model, batch, 1024, 128, dim) for model, dim in (("7B", 4096), ("13B", 5120))
                for batch in (1, 4, 32, 128)]
 QUICK_SHAPES = [("quick", 2, 64, 16, 48)]
+CPU_SHAPES = [("7B", batch, 1024, 128, 4096) for batch in (4, 32)]
 
 
 def make_problem(rows, d_in, hidden, d_out, activation, dtype, device):
@@ -42,11 +46,11 @@ def make_problem(rows, d_in, hidden, d_out, activation, dtype, device):
     return x, weights
 
 
-def providers(x, weights, activation):
+def providers(x, weights, activation, fused_name="lavin_fast"):
     master = {k: v.clone().requires_grad_() for k, v in weights.items()}
     lowp = {k: v.to(x.dtype).requires_grad_() for k, v in weights.items()}
     eager = lambda xx: reference.visual_neck(xx, **lowp, activation=activation)  # noqa: E731
-    out = {"lavin_fast": (list(master.values()), lambda xx: fused(xx, **master, activation=activation)),
+    out = {fused_name: (list(master.values()), lambda xx: fused(xx, **master, activation=activation)),
            "eager": (list(lowp.values()), eager)}
     if torch.cuda.is_available():
         compiled = torch.compile(reference.visual_neck)
@@ -79,15 +83,20 @@ def measure(params, forward, x, mode, quick):
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     dev = harness.device()
-    quick = args.quick or dev.type == "cpu"
+    native_cpu = dev.type == "cpu" and not args.quick and native.available()
+    if dev.type == "cpu":   # the op's CPU kernel: native C++, or Triton's interpreter under --quick
+        os.environ["LAVIN_FAST_BACKEND"] = "native" if native_cpu else "triton"
+    quick = args.quick or (dev.type == "cpu" and not native_cpu)
     dtypes = ["fp32"] if dev.type == "cpu" else args.dtypes.split(",")
     copy_gbs = harness.copy_bandwidth_gbs(2**28 if not quick else 2**20, quick)
-    log = harness.RowLog(args.out, "neck" + ("_quick" if quick else ""))
+    log = harness.RowLog(args.out, "neck" + ("_cpu" if native_cpu else "_quick" if quick else ""))
     for dtype_name in dtypes:
         for activation in ("silu", "swiglu"):
-            for model, batch, d_in, hidden, d_out in (QUICK_SHAPES if quick else FULL_SHAPES):
+            for model, batch, d_in, hidden, d_out in (CPU_SHAPES if native_cpu else QUICK_SHAPES if quick
+                                                      else FULL_SHAPES):
                 x, weights = make_problem(6 * batch, d_in, hidden, d_out, activation, harness.DTYPES[dtype_name], dev)
-                for name, (params, forward) in providers(x, weights, activation).items():
+                fused_name = "native" if native_cpu else "lavin_fast"
+                for name, (params, forward) in providers(x, weights, activation, fused_name).items():
                     for mode in ("fwd", "bwd", "fwdbwd"):
                         ms, peak = measure(params, forward, x, mode, quick)
                         gbs = floor_bytes(mode, x, weights, d_out) / ms / 1e6

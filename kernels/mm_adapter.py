@@ -54,9 +54,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lavin_fast import native
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
-from lavin_fast.ops import KERNEL_DTYPES
+from lavin_fast.ops import KERNEL_DTYPES, cpu_runs_native
 
 # Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
 # that every kernel compiles for sm_80 and sm_90 without spills, the main launches at 7B
@@ -753,6 +754,18 @@ def _fwd_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tens
                               routing_index, scale, dropout_p, seed)
 
 
+@_fwd_op.register_kernel("cpu")
+def _fwd_cpu(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
+             scale, dropout_p, seed):
+    """CPU tensors: the native kernel (csrc/mm_adapter.cpp, its own dropout mask from `seed`),
+    or under LAVIN_FAST_BACKEND=triton the Triton kernels in the interpreter."""
+    if cpu_runs_native():
+        return native.ops().mm_adapter_fwd(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                                           routing, routing_index, scale, dropout_p, seed)
+    return mm_adapter_forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                              routing_index, scale, dropout_p, seed)
+
+
 @_fwd_op.register_fake
 def _fwd_fake(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
               scale, dropout_p, seed):
@@ -765,6 +778,16 @@ def _bwd_op(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_
             up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
             dropout_p: float, seed: Tensor | None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                               routing_index, hd, scale, dropout_p, seed)
+
+
+@_bwd_op.register_kernel("cpu")
+def _bwd_cpu(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, scale,
+             dropout_p, seed):
+    if cpu_runs_native():
+        return tuple(native.ops().mm_adapter_bwd(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                                                 routing, routing_index, hd, scale, dropout_p, seed))
     return mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
                                routing_index, hd, scale, dropout_p, seed)
 

@@ -52,8 +52,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lavin_fast import native
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
+from lavin_fast.ops import cpu_runs_native
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("silu", "swiglu")
@@ -500,6 +502,15 @@ def _fwd_op(x: Tensor, in_weight: Tensor, in_bias: Tensor, out_weight: Tensor, o
     return visual_neck_forward(x, in_weight, in_bias, out_weight, out_bias, activation)
 
 
+@_fwd_op.register_kernel("cpu")
+def _fwd_cpu(x, in_weight, in_bias, out_weight, out_bias, activation):
+    """CPU tensors: the native kernel (csrc/visual_neck.cpp), or under LAVIN_FAST_BACKEND=triton
+    the Triton kernels in the interpreter."""
+    if cpu_runs_native():
+        return native.ops().visual_neck_fwd(x, in_weight, in_bias, out_weight, out_bias, activation)
+    return visual_neck_forward(x, in_weight, in_bias, out_weight, out_bias, activation)
+
+
 @_fwd_op.register_fake
 def _(x, in_weight, in_bias, out_weight, out_bias, activation):
     lead = tuple(x.shape[:-1])
@@ -510,6 +521,13 @@ def _(x, in_weight, in_bias, out_weight, out_bias, activation):
 @torch.library.custom_op("lavin_fast::visual_neck_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, in_weight: Tensor, out_weight: Tensor, pre: Tensor,
             activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return visual_neck_backward(dy, x, in_weight, out_weight, pre, activation)
+
+
+@_bwd_op.register_kernel("cpu")
+def _bwd_cpu(dy, x, in_weight, out_weight, pre, activation):
+    if cpu_runs_native():
+        return tuple(native.ops().visual_neck_bwd(dy, x, in_weight, out_weight, pre, activation))
     return visual_neck_backward(dy, x, in_weight, out_weight, pre, activation)
 
 

@@ -1,11 +1,16 @@
 """Functional API of the fused ops, and the choice of backend.
 
 `LAVIN_FAST_BACKEND` picks the implementation, read at every call:
-- `auto` (default): the Triton kernels for CUDA tensors of a dtype they support, the PyTorch
+- `auto` (default): the Triton kernels for CUDA tensors of a dtype they support, the native C++
+  kernels (`csrc/`, `lavin_fast.native`) for such CPU tensors where they are built, the PyTorch
   reference otherwise;
-- `triton`: always the kernels (on CPU tensors this needs `TRITON_INTERPRET=1` set before
+- `triton`: always the Triton kernels (on CPU tensors this needs `TRITON_INTERPRET=1` set before
   lavin_fast is imported: Triton reads it when the kernels are defined);
+- `native`: always the native CPU kernels (an error where they are not built, or on a GPU);
 - `torch`: always the PyTorch reference (`lavin_fast.reference`).
+
+Triton and native are the CPU and CUDA kernels of one op each (`lavin_fast::mm_adapter_fwd`,
+...): the op's CPU kernel runs the native code unless `triton` is asked for (`cpu_runs_native`).
 
 Inputs are checked here, once, for both backends: a wrong shape, dtype or device is a
 `ValueError` naming the tensor, never a broadcast that silently computes something else.
@@ -18,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lavin_fast import reference
+from lavin_fast import native, reference
 
 BACKEND_ENV = "LAVIN_FAST_BACKEND"
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -33,14 +38,30 @@ def _triton_available() -> bool:
     return True
 
 
-def select_backend(x: Tensor) -> str:
-    """The backend ('triton' or 'torch') that will run an op on `x`, per `LAVIN_FAST_BACKEND`."""
+def _backend_choice() -> str:
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def select_backend(x: Tensor) -> str:
+    """The backend ('triton', 'native' or 'torch') that will run an op on `x`, per
+    `LAVIN_FAST_BACKEND`."""
+    choice = _backend_choice()
     if choice == "auto":
-        usable = x.is_cuda and x.dtype in KERNEL_DTYPES and _triton_available()
-        return "triton" if usable else "torch"
+        if x.dtype not in KERNEL_DTYPES or not _triton_available():
+            return "torch"
+        if x.is_cuda:
+            return "triton"
+        return "native" if x.device.type == "cpu" and native.available() else "torch"
+    if choice == "native":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{BACKEND_ENV}=native runs CPU tensors only, got {x.device}")
+        native.ops()  # raises NativeUnavailable, saying why
+        if not _triton_available():
+            raise RuntimeError(f"{BACKEND_ENV}=native needs triton importable (the ops are defined beside the "
+                               "Triton kernels)")
     if choice == "triton":
         if not _triton_available():
             raise RuntimeError(f"{BACKEND_ENV}=triton but triton cannot be imported")
@@ -50,6 +71,18 @@ def select_backend(x: Tensor) -> str:
                 "environment before lavin_fast is imported (Triton's CPU interpreter)"
             )
     return choice
+
+
+def cpu_runs_native() -> bool:
+    """Whether the CPU kernel of a fused op runs the native code (else Triton's interpreter):
+    yes unless `LAVIN_FAST_BACKEND=triton`; `native` raises where they are not built."""
+    choice = _backend_choice()
+    if choice == "triton":
+        return False
+    if choice == "native":
+        native.ops()
+        return True
+    return native.available()
 
 
 def _expect_shape(op: str, name: str, tensor: Tensor, shape: Sequence[int]) -> None:
@@ -133,7 +166,7 @@ def mm_adapter(
         x = x.to(torch.get_autocast_dtype(x.device.type))
     down_weight = conv_A_weight.squeeze(-1)                                       # [r, d]
 
-    if select_backend(x) == "triton":
+    if select_backend(x) in ("triton", "native"):
         from lavin_fast.kernels.mm_adapter import mm_adapter as fused
 
         # Drawn on the device by torch's generator: reproducible under torch.manual_seed, and
@@ -204,7 +237,7 @@ def visual_neck(
     _expect_floating(op, x=x, **tensors)
     _expect_same_device(op, x, **tensors)
 
-    if select_backend(x) == "triton":
+    if select_backend(x) in ("triton", "native"):
         from lavin_fast.kernels.visual_neck import visual_neck as fused
 
         return fused(x, in_weight, in_bias, out_weight, out_bias, activation)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close_to_oracle, requires_cuda
-from lavin_fast import MMAdapter, mm_adapter, reference, select_backend
+from lavin_fast import MMAdapter, mm_adapter, native, reference, select_backend
 from lavin_fast.kernels import mm_adapter as kernel
 from lavin_fast.kernels._alloc import empty
 
@@ -35,6 +35,13 @@ ROW_SUM_ULPS = 2
 
 def ulps(name):
     return 1 if name in ("y", "x") else ROW_SUM_ULPS
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_cpu(monkeypatch):
+    """The ops' CPU kernel runs the native code by default; the tests here are the Triton kernels'
+    (in the interpreter without a GPU), so they ask for them unless a test picks a backend."""
+    monkeypatch.setenv("LAVIN_FAST_BACKEND", "triton")
 
 
 @contextlib.contextmanager
@@ -406,7 +413,7 @@ def test_torch_backend_is_the_reference_and_matches_the_conv_oracle():
 def test_backend_switch():
     x = torch.randn(1, 2, 8)
     with backend("auto"):
-        assert select_backend(x) == "torch"                  # CPU tensors: the reference
+        assert select_backend(x) == ("native" if native.available() else "torch")   # CPU tensors
         assert select_backend(x.double()) == "torch"
     with backend("triton"):
         assert select_backend(x.to(DEVICE)) == "triton"       # on CPU: the interpreter (conftest)
@@ -570,7 +577,7 @@ def functional_args(batch=2, tokens=3, dim=8, hidden=4, **overrides):
     return {**args, **overrides}
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "native", "torch"])
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(x=torch.randn(3, 8)), ValueError, r"x must be \[batch, tokens, dim\]"),
     (dict(conv_A_weight=torch.randn(4, 8)), ValueError, "conv_A_weight must be"),
@@ -637,7 +644,7 @@ def test_kernel_host_functions_check_their_preconditions():
             kernel.mm_adapter_forward(*params.values(), None, 1.0)
 
 
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "native", "torch"])
 @pytest.mark.parametrize("index, match", [
     (torch.tensor([[0, 1, 5], [2, 2, 0]]), r"routing_index values must be in \[0, 5\) \(rows of routing\), got values in \[0, 5\]"),
     (torch.tensor([[0, -1, 1], [2, 2, 0]]), r"values must be in \[0, 5\).*got values in \[-1, 2\]"),

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from helpers import assert_close_to_oracle, requires_cuda
-from lavin_fast import VisualNeck, reference, select_backend, visual_neck
+from lavin_fast import VisualNeck, native, reference, select_backend, visual_neck
 from lavin_fast.kernels import visual_neck as kernel
 from lavin_fast.kernels._alloc import empty
 
@@ -31,6 +31,13 @@ GRAD_NAMES = ("x", "in_weight", "in_bias", "out_weight", "out_bias")
 # Gradients summed over all rows (the weights' and biases') are added up in another order than
 # PyTorch's (row blocks, d_out chunks); they get 4 rounding steps on top of 2x PyTorch's error.
 ROW_SUM_ULPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_cpu(monkeypatch):
+    """The ops' CPU kernel runs the native code by default; the tests here are the Triton kernels'
+    (in the interpreter without a GPU), so they ask for them unless a test picks a backend."""
+    monkeypatch.setenv("LAVIN_FAST_BACKEND", "triton")
 
 
 @contextlib.contextmanager
@@ -310,7 +317,7 @@ def test_torch_backend_is_the_reference_and_matches_the_layers(activation):
 def test_backend_switch():
     x = torch.randn(6, 8)
     with backend("auto"):
-        assert select_backend(x) == "torch"                  # CPU tensors: the reference
+        assert select_backend(x) == ("native" if native.available() else "torch")   # CPU tensors
     with backend("triton"):
         assert select_backend(x) == "triton"                 # the interpreter is on (conftest)
     if torch.cuda.is_available():
@@ -372,7 +379,7 @@ def neck_tensors(activation="silu", d_in=40, hidden=16, d_out=33):
     return params
 
 
-@pytest.mark.parametrize("name", ["triton", "torch"])
+@pytest.mark.parametrize("name", ["triton", "native", "torch"])
 def test_bad_inputs_get_clear_errors(name):
     p = neck_tensors()
     cases = [
