@@ -93,8 +93,8 @@ class MMAdapter(nn.Module):
             return self.route(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         return self.route(x[0]).expand(*x.shape[:2], 2)          # "batch0": sample 0's tokens
 
-    def forward(self, x: Tensor, weights: Tensor | None = None, *, first: Tensor | None = None,
-                routing_index: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None, *,
+                first: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] (per sample) or [B, N, 2] (per token)
         overrides the router (and gets a gradient); with `routing_index` (int [B, N]) `weights`
         is a table [T, 2] of which row (b, n) reads weights[routing_index[b, n]] (see

@@ -209,7 +209,7 @@ HELP = {
     "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
     "packing": "Concatenate each micro-batch's samples into one row without padding (the same losses and "
                "gradients as padded rows, less compute); --no-packing pads every sample to the longest.",
-    "compile": "torch.compile each LLaMA layer and ViT block (dynamic shapes: packed rows do not recompile "
+    "compile": "Compile each LLaMA layer and ViT block with torch.compile (dynamic shapes: packed rows do not recompile "
                "every step); the first steps are slow while it compiles.",
     "dp": "Data-parallel ranks (default: the number of processes / --tp).",
     "tp": "Tensor-parallel ranks per model replica.",

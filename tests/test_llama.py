@@ -812,9 +812,19 @@ def _linear_adapters(dim: int, n_layers: int, seed: int = 0) -> dict[str, torch.
     return state
 
 
+class _LinearAdapter(torch.nn.Linear):
+    """A Linear map in an adapter slot, on the MMAdapter contract: the routing arguments are
+    taken and unused."""
+
+    last_routing = None
+
+    def forward(self, x, weights=None, routing_index=None, *, first=None):
+        return super().forward(x)
+
+
 def _attach_adapters(model: Transformer, adapters: dict[str, torch.Tensor]) -> None:
     for n, layer in enumerate(model.layers):
-        layer.adapter_attn = torch.nn.Linear(model.config.dim, model.config.dim, device="cpu")
+        layer.adapter_attn = _LinearAdapter(model.config.dim, model.config.dim, device="cpu")
         layer.adapter_attn.load_state_dict({"weight": adapters[f"layers.{n}.adapter_attn.weight"],
                                             "bias": adapters[f"layers.{n}.adapter_attn.bias"]})
 
@@ -875,6 +885,15 @@ from lavin_fast.models.llama import Transformer
 from lavin_fast.parallel import apply_tensor_parallel
 
 
+class LinearAdapter(nn.Linear):
+    """A Linear map in an adapter slot, on the MMAdapter contract (routing arguments unused)."""
+
+    last_routing = None
+
+    def forward(self, x, weights=None, routing_index=None, *, first=None):
+        return super().forward(x)
+
+
 class Holder(nn.Module):
     """apply_tensor_parallel takes a LaVIN: it splits `.llama` and keeps the trainable flags."""
 
@@ -895,7 +914,7 @@ def main(out):
             llama = Transformer(source.config)
         if case["adapters"]:  # materialised, replicated, not in the checkpoint
             for n, layer in enumerate(llama.layers):
-                layer.adapter_attn = nn.Linear(source.config.dim, source.config.dim, device="cpu")
+                layer.adapter_attn = LinearAdapter(source.config.dim, source.config.dim, device="cpu")
                 layer.adapter_attn.load_state_dict({"weight": adapters[f"layers.{n}.adapter_attn.weight"],
                                                     "bias": adapters[f"layers.{n}.adapter_attn.bias"]})
         apply_tensor_parallel(Holder(llama), mesh, sequence_parallel=case["sequence_parallel"])
