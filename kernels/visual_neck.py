@@ -308,10 +308,11 @@ def _block_sizes(x: Tensor, rows: int, block_m: int | None, block_n: int | None,
     sm_90 (ptxas -v, offline) and give the launches at ViT batches 16-32 (M = 96-192 rows) at
     least a wave on 132 SMs: 16 rows per block, 16 hidden units per program for `_bwd_out` /
     `_bwd_in`, 32 d_in columns for `_bwd_dx` / `_bwd_in`; `_fwd_pre` splits d_in on top (see
-    `_pre_splits`). `_bwd_out` in fp32 (ieee) and fp16 (tf32x3 products) spills at 128 d_out columns:
-    64 there."""
+    `_pre_splits`). `_bwd_out` spills at 128 d_out columns in fp16 (tf32x3 products) and fp32
+    (ieee): 64 in fp16; 32 in fp32, which at 64 still spilled 40 B per thread on sm_90 (255
+    registers)."""
     small = _target.arch(x.device) == "interpreter"
-    wide = 64 if backward and x.dtype != torch.bfloat16 else 128
+    wide = {torch.float32: 32, torch.float16: 64}.get(x.dtype, 128) if backward else 128
     blocks = dict(
         block_m=block_m or (min(32, max(16, triton.next_power_of_2(rows))) if small else 16),
         block_n=block_n or (32 if small else wide),

@@ -74,17 +74,10 @@ def test_every_expected_kernel_compiled_with_its_numbers(report):
         assert {r["direction"] for r in main} == {"fwd", "bwd"}, main
 
 
-# Known spills (issue 11, open): the neck's output-backward in fp32 at the 7B neck shape, 40 B on
-# sm_90. Any other spill fails; so does this entry once it no longer spills.
-KNOWN_SPILLS = {90: {("7B neck", "fp32", "bwd_out_kernel")}}
-
-
 def test_no_kernel_spills_registers(report):
     capability, _, rows = report
     spilling = {(r["case"], r["dtype"], r["kernel"]) for r in rows if int(r["spill_bytes"])}
-    known = KNOWN_SPILLS.get(capability, set())
-    assert spilling <= known, f"sm_{capability}: kernels that spill (case, dtype, kernel): {sorted(spilling - known)}"
-    assert spilling == known, f"sm_{capability}: fixed, take them off KNOWN_SPILLS: {sorted(known - spilling)}"
+    assert not spilling, f"sm_{capability}: kernels that spill (case, dtype, kernel): {sorted(spilling)}"
 
 
 def test_main_adapter_launches_fill_a_wave(report):
