@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lavin_fast import data, distributed, recipe, run_folder
+from lavin_fast import data, distributed, plots, recipe, run_folder, tiny
 from lavin_fast.collate import Collator, SequenceLayout, split_groups, token_budget_groups
 from lavin_fast.compile import compile_blocks
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
+from lavin_fast.checkpoints.lavin import load_lavin
 from lavin_fast.models.lavin import PRESETS, LaVIN
 from lavin_fast.modules import NECK_ACTIVATIONS, ROUTING_MODES
 from lavin_fast.scienceqa import SPLITS
@@ -321,8 +322,6 @@ def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
     """Fill in what `--fake-data` and `--preset tiny` leave out: a fake ScienceQA tree, a
     tokenizer trained on it and random tiny backbones, all written under `out` (once: a
     rerun or a resume reuses them). Returns the config with those paths set."""
-    from lavin_fast import tiny
-
     out = Path(cfg.out)
     updates = {}
     if cfg.fake_data and cfg.data_root is None:
@@ -362,7 +361,7 @@ def build_model(cfg: TrainConfig, device: torch.device,
     overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
                                    ("neck_activation", cfg.neck_activation), ("vit_routing", cfg.vit_routing))
                  if v is not None}
-    model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
+    model = load_lavin(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -529,8 +528,6 @@ def _train(session) -> Path:
     progress.close()
 
     if session.is_main and state.records:
-        from lavin_fast import plots
-
         plots.loss_curve(out / "log.jsonl", out / "loss.png")
         log.info("done: %d steps, last loss %.4f; adapters in %s%s", state.step, state.records[-1]["loss"],
                  out / "adapters.safetensors",
