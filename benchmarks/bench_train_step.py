@@ -3,12 +3,15 @@
 A LaVIN-7B-shaped model with random weights (no download): LLaMA-7B + CLIP ViT-L/14 in bf16,
 fp32 adapters, micro-batches of 4 samples of ScienceQA-like lengths (benchmarks/lengths.py:
 log-normal, median 270 of at most 512 tokens, 48% with an image), the answer the last quarter
-of each sample. Layouts: padded to the micro-batch's longest sample, packed into one row,
-and packed with the blocks compiled (`LAVIN_BENCH_COMPILE=1`: minutes of Inductor on a CPU).
-Tokens/s and MFU count real tokens only; the padding fraction of each layout is printed.
-Configurations: the adapters and neck on the fused Triton kernels
-or on the pure-PyTorch backend (`LAVIN_FAST_BACKEND`), gradient checkpointing off and on, and
-flash-attn against PyTorch SDPA where flash-attn is installed.
+of each sample. On a CPU (fp32) `--model tiny` (the default there, the demo's model) or
+`--model small` (MODELS: a 7B-like shape cut to what two cores step through in seconds);
+`--quick` runs tiny on samples of at most 64 tokens, only to prove the script runs.
+Layouts: padded to the micro-batch's longest sample, packed into one row, and packed with
+the blocks compiled (`LAVIN_BENCH_COMPILE=1`: minutes of Inductor on a CPU). Tokens/s and MFU
+count real tokens only; the padding fraction of each layout is printed. Configurations: the
+adapters and neck on the fused Triton kernels or on the pure-PyTorch backend
+(`LAVIN_FAST_BACKEND`), gradient checkpointing off and on (on a GPU), and flash-attn against
+PyTorch SDPA where flash-attn is installed.
 
 MFU counts the work a frozen backbone really does (ENGINEERING.md): per LLaMA token
 4 N_llama FLOPs (the forward and the activation gradients; no weight gradients) plus causal
@@ -17,15 +20,18 @@ tokens plus its attention likewise (not causal: 12 L d per block); against the G
 bf16 peak.
 
 Step-time split: `forward` (loss), `backward`, `optimizer` (AdamW over the 3.8M trainable
-parameters), each timed with CUDA events over the same steps.
+parameters), each timed with CUDA events over the same steps (medians); on a CPU by the wall
+clock, the fastest of the steps (a shared machine's other work only adds time).
 
-    python benchmarks/bench_train_step.py [--quick] [--out DIR]
+    python benchmarks/bench_train_step.py [--quick] [--model tiny|small|7b] [--out DIR]
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
+import statistics
 import sys
 import time
 
@@ -39,7 +45,8 @@ from lavin_fast.compile import compile_blocks  # noqa: E402
 from lengths import scienceqa_lengths  # noqa: E402
 from lavin_fast.models import attention  # noqa: E402
 from lavin_fast.models.lavin import LaVIN, LaVINConfig  # noqa: E402
-from lavin_fast.models.llama import RMSNorm  # noqa: E402
+from lavin_fast.models.llama import LlamaConfig, RMSNorm  # noqa: E402
+from lavin_fast.models.vit import ViTConfig  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -52,11 +59,24 @@ def peak_flops() -> float | None:
     return next((value for key, value in PEAK_BF16.items() if key in name), None)
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype) -> LaVIN:
+def small_config() -> LaVINConfig:
+    """LaVIN-7B's shape scaled down for a CPU: LLaMA's vocabulary, head size 64 and FFN rule at
+    width 512 and 8 layers (about 43M parameters with the output layer), a CLIP-like ViT on
+    224-pixel images (257 tokens) at width 256 with a tap after each of its 6 blocks."""
+    return dataclasses.replace(
+        LaVINConfig.from_preset("7b"), llama=LlamaConfig(dim=512, n_layers=8, n_heads=8),
+        vit=ViTConfig(width=256, layers=6, heads=4, taps=(1, 2, 3, 4, 5, 6)), neck_hidden=128)
+
+
+MODELS = {"tiny": lambda: LaVINConfig.from_preset("tiny"), "small": small_config,
+          "7b": lambda: LaVINConfig.from_preset("7b")}
+
+
+def build(config: LaVINConfig, device: torch.device, dtype: torch.dtype) -> LaVIN:
     """Random weights (never zeros: the adapters' up-projections too) without materialising an
     fp32 copy of the backbone: built on meta, cast, then allocated."""
     with torch.device("meta"):
-        model = LaVIN(LaVINConfig.from_preset(preset))
+        model = LaVIN(config)
     model.set_backbone_dtype(dtype)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -169,20 +189,29 @@ def measure(model: LaVIN, batch: Batch, steps: int, warmup: int) -> dict[str, fl
         if step >= warmup:
             for name, (a, b) in zip(split, ((t0, t1), (t1, t2), (t2, t3))):
                 split[name].append(timer.between(a, b))
-    result = {f"{name}_ms": sum(v) / len(v) for name, v in split.items()}
+    if torch.cuda.is_available():
+        result = {f"{name}_ms": statistics.median(v) for name, v in split.items()}
+    else:
+        # The fastest step: on a shared CPU other processes only ever add time, in bursts
+        # that a mean or a median of a few steps would keep.
+        fastest = min(range(steps), key=lambda i: sum(v[i] for v in split.values()))
+        result = {f"{name}_ms": v[fastest] for name, v in split.items()}
     result["step_ms"] = sum(result.values())
     result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return result
 
 
 def main() -> None:
-    args = harness.parse_args(__doc__.splitlines()[0])
+    args = harness.parse_args(__doc__.splitlines()[0], extra=lambda parser: parser.add_argument(
+        "--model", choices=sorted(MODELS), help="the model (default: 7b on a GPU, tiny on a CPU; --quick: tiny)"))
     device = harness.device()
-    quick = args.quick or device.type == "cpu"
-    preset, batch_size, length = ("tiny", 4, 64) if quick else ("7b", 4, 512)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    steps, warmup = (2, 1) if quick else (10, 3)
-    model = build(preset, device, dtype).train()
+    cpu = device.type == "cpu"
+    preset = "tiny" if args.quick else args.model or ("tiny" if cpu else "7b")
+    length = 64 if args.quick else 512            # the recipe's max_len
+    batch_size = 4
+    dtype = torch.float32 if cpu else torch.bfloat16
+    steps, warmup = (2, 1) if args.quick else (10, 3) if not cpu else (5, 2) if preset == "tiny" else (3, 1)
+    model = build(MODELS[preset](), device, dtype).train()
     batches = {"padded": make_batch(model, batch_size, length, device, packed=False),
                "packed": make_batch(model, batch_size, length, device, packed=True)}
     layouts = ["padded", "packed"] + (["packed+compiled"] if os.environ.get("LAVIN_BENCH_COMPILE") == "1" else [])
@@ -190,11 +219,13 @@ def main() -> None:
     real_tokens = sum(sample_lengths(batches["padded"]))
     peak = peak_flops()
     attention_backends = ["sdpa"] + (["flash"] if attention.flash_attn_func is not None and device.type == "cuda" else [])
-    log = harness.RowLog(args.out, "train_step" + ("_quick" if quick else ""))
+    log = harness.RowLog(args.out, "train_step_" + ("quick" if args.quick else f"{preset}_{device.type}"))
     backends = [b for b in ("triton", "torch") if not (b == "triton" and device.type == "cpu")]
     # (the interpreter's speed says nothing about the kernels); the compiled layout comes last:
     # compiling is in place, so every configuration after it runs compiled.
-    for layout, backend, checkpointing, attn in itertools.product(layouts, backends, (False, True),
+    # On a CPU the layouts are the question (checkpointing only adds a recompute).
+    checkpointings = (False,) if cpu else (False, True)
+    for layout, backend, checkpointing, attn in itertools.product(layouts, backends, checkpointings,
                                                                   attention_backends):
         if layout == "packed+compiled" and not any(r["layout"] == layout for r in log.rows):
             compile_blocks(model)
@@ -227,8 +258,12 @@ def plot(rows, meta):
         values = [r[f"{part}_ms"] for r in rows]
         ax.bar(range(len(rows)), values, bottom=bottom, color=color, label=part)
         bottom = [b + v for b, v in zip(bottom, values)]
+    for index, row in enumerate(rows):      # what the bars are for: real tokens through per second
+        ax.annotate(f"{row['tokens_per_s']:.4g} real tok/s\n{row['padding_fraction']:.0%} padding",
+                    (index, bottom[index]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("ms per optimizer step")
+    ax.set_ylim(0, 1.2 * max(bottom))
     ax.legend()
     ax.set_title(f"LaVIN step time on {meta['device']} ({meta['date']}, {meta['commit']})", fontsize=9)
     fig.tight_layout()

@@ -119,10 +119,19 @@ class Collator:
             prompt = prompt[-room:]
         return prefix + prompt + answer, len(prefix) + len(prompt)
 
-    def __call__(self, samples: Sequence[Sample]) -> Batch:
+    def sequences(self, samples: Sequence[Sample]) -> list[tuple[Sample, tuple[list[int], int]]]:
+        """The samples that fit, each with its (token ids, index of the first answer token);
+        a ValueError if none does."""
         kept = [(s, seq) for s in samples if (seq := self.sequence(s)) is not None]
         if not kept:
             raise ValueError(f"none of the {len(samples)} samples fits in {self.layout.max_len} tokens")
+        return kept
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        return self.collate(self.sequences(samples))
+
+    def collate(self, kept: Sequence[tuple[Sample, tuple[list[int], int]]]) -> Batch:
+        """One batch of samples already turned into sequences (`sequences`), at least one."""
         sizes = [len(ids) for _, (ids, _) in kept]
         rows, longest = (1, sum(sizes)) if self.packing else (len(kept), max(sizes))
         length = -(-longest // self.pad_multiple) * self.pad_multiple
@@ -141,3 +150,38 @@ class Collator:
                      images=torch.stack(pictures) if pictures else None,
                      image_start=self.layout.image_start, ids=[s.id for s, _ in kept],
                      lengths=[sizes] if self.packing else None)
+
+
+def token_budget_groups(sizes: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """The indices of samples of `sizes` tokens in groups of at most `max_tokens` tokens each,
+    every index in exactly one group: first-fit decreasing (the longest sample first, each
+    into the first group with room, a new group where none has), which leaves few groups
+    and little room unused. Indices ascend within a group. A sample longer than the budget
+    is a ValueError (training refuses such a budget up front: --max-tokens >= --max-len)."""
+    if too_long := [n for n in sizes if n > max_tokens]:
+        raise ValueError(f"{len(too_long)} sample(s) of up to {max(too_long)} tokens exceed the budget of "
+                         f"{max_tokens} tokens per micro-batch")
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        target = next((g for g, free in enumerate(room) if free >= sizes[index]), len(groups))
+        if target == len(groups):
+            groups.append([])
+            room.append(max_tokens)
+        groups[target].append(index)
+        room[target] -= sizes[index]
+    return [sorted(group) for group in groups]
+
+
+def split_groups(groups: Sequence[Sequence[int]], count: int) -> list[list[int]]:
+    """`groups` split, the one of most samples in halves each time, until there are `count` (or
+    already more): data-parallel ranks must run as many micro-batches as each other. A half
+    never holds more tokens than its group, so a budget `token_budget_groups` kept still holds."""
+    groups = [list(group) for group in groups]
+    while len(groups) < count:
+        widest = max(range(len(groups)), key=lambda g: len(groups[g]), default=None)
+        if widest is None or len(groups[widest]) < 2:
+            raise ValueError(f"{sum(map(len, groups))} samples cannot make {count} micro-batches")
+        group = groups.pop(widest)
+        groups[widest:widest] = [group[:len(group) // 2], group[len(group) // 2:]]
+    return groups

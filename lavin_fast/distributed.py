@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 
 from lavin_fast import parallel
+from lavin_fast.checkpoints.adapters import save_adapter_state
 from lavin_fast.io import atomic_write
 from lavin_fast.run_folder import RunFolderError, RunLock
 
@@ -69,7 +70,7 @@ class Session:
     # ---- model -------------------------------------------------------------------------------
 
     def tensor_parallel_plan(self) -> Callable[[nn.Module], None] | None:
-        """What `LaVIN.from_pretrained(parallelize=...)` applies before loading: the TP plan over
+        """What `load_lavin(parallelize=...)` applies before loading: the TP plan over
         mesh["tp"], or None with one tensor-parallel rank."""
         if self.tp_size == 1:
             return None
@@ -151,8 +152,6 @@ class Session:
 
     def export_adapters(self, model: nn.Module, path: Path) -> None:
         """The trainable parameters gathered whole and written by rank 0 as one safetensors file."""
-        from lavin_fast.checkpoints.adapters import save_adapter_state
-
         full = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         if self.is_main:

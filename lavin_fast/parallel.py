@@ -11,7 +11,7 @@
   nor reduced; gradients of the ~3.8M trainable parameters are reduce-scattered.
 
 The trainer applies the tensor-parallel plan while the LLaMA is still on the meta device
-(`LaVIN.from_pretrained(parallelize=...)`), so each rank then reads only its shard of the
+(`checkpoints.lavin.load_lavin(parallelize=...)`), so each rank then reads only its shard of the
 checkpoint; data parallelism comes after loading.
 
 Communication per layer with TP: without sequence parallel, one all-reduce after `wo` and one

@@ -17,7 +17,9 @@ one aside), and a `--resume` must keep the stored recipe.
 Mixed batches: image and text-only samples are drawn together at random (one shuffled order
 over the whole dataset, `recipe.micro_batches`); each optimizer step sees `effective_batch`
 samples split over data-parallel ranks and gradient-accumulation micro-batches. The loss is
-the mean over all answer tokens of the step, whatever the split.
+the mean over all answer tokens of the step, whatever the split. Micro-batches hold
+`micro_batch` samples each, or with `max_tokens` as many samples as fit that many tokens in a
+packed row (`collate.token_budget_groups`; the log's `fill` is real tokens / budget).
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lavin_fast import data, distributed, recipe, run_folder
-from lavin_fast.collate import Collator, SequenceLayout
+from lavin_fast import data, distributed, plots, recipe, run_folder, tiny
+from lavin_fast.collate import Collator, SequenceLayout, split_groups, token_budget_groups
 from lavin_fast.compile import compile_blocks
 from lavin_fast.errors import ArgumentParser, UserError, one_line_user_errors
 from lavin_fast.images import NORMALIZATIONS, preprocess
 from lavin_fast.io import atomic_write_text
+from lavin_fast.checkpoints.lavin import load_lavin
 from lavin_fast.models.lavin import PRESETS, LaVIN
 from lavin_fast.modules import NECK_ACTIVATIONS, ROUTING_MODES
 from lavin_fast.scienceqa import SPLITS
@@ -97,6 +100,7 @@ class TrainConfig:
     dtype: str = "auto"                      # backbone dtype: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     packing: bool = True                     # micro-batches as one row without pads (equal to padded ones)
+    max_tokens: int | None = None            # packed micro-batches filled up to this many tokens (not micro_batch samples)
     compile: bool = False                    # torch.compile each LLaMA and ViT block
     # parallelism (torchrun)
     dp: int | None = None
@@ -119,13 +123,30 @@ class TrainConfig:
         for name, ok, requirement in _RULES:
             if not ok(value := getattr(self, name)):
                 raise UserError(f"{_flag(name)} must be {requirement}, got {value!r}")
-        if self.effective_batch % (self.micro_batch * (self.dp or 1)):
+        if self.max_tokens is not None:
+            self._check_token_budget()
+        elif self.effective_batch % (self.micro_batch * (self.dp or 1)):
             raise UserError(f"--effective-batch {self.effective_batch} must be a multiple of --micro-batch "
                             f"{self.micro_batch}" + (f" x --dp {self.dp}" if self.dp else ""))
         if not self.peak_lr <= MAX_LR:
             source = "--lr" if self.lr is not None else "--base-lr x --effective-batch / 256"
             raise UserError(f"the peak learning rate ({source}) is {self.peak_lr:.3g}, more than {MAX_LR}: AdamW "
                             "moves every weight by about the learning rate per step, so this run would diverge")
+
+    def _check_token_budget(self) -> None:
+        """--max-tokens: packed rows; every sample (at most --max-len tokens) fits a micro-batch
+        by itself, so no sample is ever refused or left out mid-run; the rows' rounding to a
+        multiple of --tp (sequence parallelism) stays inside the budget."""
+        if not self.packing:
+            raise UserError("--max-tokens fills packed micro-batches: it needs --packing (drop --no-packing)")
+        if self.max_tokens < self.max_len:
+            raise UserError(f"--max-tokens {self.max_tokens} must be at least --max-len {self.max_len}: "
+                            "a sample of --max-len tokens must fit a micro-batch by itself")
+        if self.sequence_parallel and self.max_tokens % self.tp:
+            raise UserError(f"--max-tokens {self.max_tokens} must be a multiple of --tp {self.tp} with "
+                            "--sequence-parallel (a row's length is rounded up to that multiple)")
+        if self.dp and self.effective_batch % self.dp:
+            raise UserError(f"--effective-batch {self.effective_batch} must be a multiple of --dp {self.dp}")
 
     @property
     def peak_lr(self) -> float:
@@ -160,6 +181,7 @@ _RULES = (
     ("effective_batch", lambda v: _finite(v) and v >= 1, "at least 1"),
     ("micro_batch", lambda v: _finite(v) and v >= 1, "at least 1"),
     ("max_len", lambda v: _finite(v) and v >= 1, "at least 1"),
+    ("max_tokens", lambda v: v is None or _finite(v) and v >= 1, "at least 1"),
     ("dp", lambda v: v is None or _finite(v) and v >= 1, "at least 1"),
     ("tp", lambda v: _finite(v) and v >= 1, "at least 1"),
     ("save_every", lambda v: _finite(v) and v >= 0, "at least 0 (0: once per epoch)"),
@@ -209,6 +231,9 @@ HELP = {
     "gradient_checkpointing": "Recompute activations in the backward pass, to save memory.",
     "packing": "Concatenate each micro-batch's samples into one row without padding (the same losses and "
                "gradients as padded rows, less compute); --no-packing pads every sample to the longest.",
+    "max_tokens": "With packing, fill each micro-batch up to this many tokens instead of --micro-batch samples "
+                  "(at least --max-len); a step still takes --effective-batch samples, and the log records "
+                  "the fill fraction (real tokens / budget).",
     "compile": "Compile each LLaMA layer and ViT block with torch.compile (dynamic shapes: packed rows do not recompile "
                "every step); the first steps are slow while it compiles.",
     "dp": "Data-parallel ranks (default: the number of processes / --tp).",
@@ -297,8 +322,6 @@ def prepare_embedded_default(cfg: TrainConfig) -> TrainConfig:
     """Fill in what `--fake-data` and `--preset tiny` leave out: a fake ScienceQA tree, a
     tokenizer trained on it and random tiny backbones, all written under `out` (once: a
     rerun or a resume reuses them). Returns the config with those paths set."""
-    from lavin_fast import tiny
-
     out = Path(cfg.out)
     updates = {}
     if cfg.fake_data and cfg.data_root is None:
@@ -338,7 +361,7 @@ def build_model(cfg: TrainConfig, device: torch.device,
     overrides = {k: v for k, v in (("temperature", cfg.temperature), ("adapter_dropout", cfg.adapter_dropout),
                                    ("neck_activation", cfg.neck_activation), ("vit_routing", cfg.vit_routing))
                  if v is not None}
-    model = LaVIN.from_pretrained(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
+    model = load_lavin(llama=cfg.llama, clip=cfg.clip, adapters=cfg.adapters, preset=cfg.preset,
                                   dtype=backbone_dtype(cfg, device), device=device, max_seq_len=cfg.max_len,
                                   parallelize=parallelize, **overrides)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -460,12 +483,17 @@ def _train(session) -> Path:
     save_every = cfg.save_every or steps_per_epoch
     progress = _progress(cfg, session, state.step, total_steps)
     model.train()
+    # With a token budget, a rank's samples of a step come as one list, cut by their tokens.
+    per_draw = cfg.micro_batch if cfg.max_tokens is None else cfg.effective_batch // session.dp_size
     for step, micro in recipe.micro_batches(
-            len(dataset), effective_batch=cfg.effective_batch, micro_batch=cfg.micro_batch,
+            len(dataset), effective_batch=cfg.effective_batch, micro_batch=per_draw,
             dp_rank=session.dp_rank, dp_size=session.dp_size, seed=cfg.seed, start_step=state.step,
             total_steps=total_steps):
         started = time.perf_counter()
-        batches = [collator([dataset[i] for i in indices]) for indices in micro]
+        if cfg.max_tokens is None:
+            batches = [collator([dataset[i] for i in indices]) for indices in micro]
+        else:
+            batches = _fill_to_budget(session, collator, [dataset[i] for i in micro[0]], cfg.max_tokens)
         tokens = session.all_reduce_sum(sum(b.answer_tokens for b in batches))
         loss_sum = torch.zeros((), device=device)
         for batch in batches:
@@ -487,6 +515,9 @@ def _train(session) -> Path:
                   "answer_tokens": tokens, "epoch": step / steps_per_epoch,
                   "seconds": time.perf_counter() - started,
                   "truncated": collator.stats.truncated, "dropped": collator.stats.dropped}
+        if cfg.max_tokens is not None:
+            real = session.all_reduce_sum(sum(sum(row) for b in batches for row in b.lengths))
+            record["fill"] = real / (cfg.max_tokens * session.all_reduce_sum(len(batches)))
         if session.is_main:
             _append_log(out / "log.jsonl", record)
             state.records.append(record)
@@ -497,14 +528,22 @@ def _train(session) -> Path:
     progress.close()
 
     if session.is_main and state.records:
-        from lavin_fast import plots
-
         plots.loss_curve(out / "log.jsonl", out / "loss.png")
         log.info("done: %d steps, last loss %.4f; adapters in %s%s", state.step, state.records[-1]["loss"],
                  out / "adapters.safetensors",
                  f"; {len(skipped)} samples with a damaged image left out ({data.SKIPPED_FILE})" if skipped else "")
     session.export_adapters(model, out / "adapters.safetensors")
     return out
+
+
+def _fill_to_budget(session, collator: Collator, samples: list, max_tokens: int) -> list:
+    """This rank's samples of a step as packed micro-batches of at most `max_tokens` tokens
+    (`collate.token_budget_groups`), as many on every rank: FSDP reduce-scatters the gradients
+    after each backward, so the ranks' counts must match (a rank with fewer splits some)."""
+    sequences = collator.sequences(samples)
+    groups = token_budget_groups([len(ids) for _, (ids, _) in sequences], max_tokens)
+    groups = split_groups(groups, max(session.gather_objects(len(groups))))
+    return [collator.collate([sequences[i] for i in group]) for group in groups]
 
 
 def _stop_unless_finite(session, out: Path, model, loss: torch.Tensor, step: int) -> None:

@@ -134,7 +134,7 @@ def test_non_default_config_round_trips_through_metadata(tmp_path):
     source = randomize(LaVIN(config), seed=2)
     path = save_adapters(source, tmp_path / "a.safetensors")
     assert read_adapter_config(path) == config
-    target = LaVIN(read_adapter_config(path))      # what from_pretrained will do
+    target = LaVIN(read_adapter_config(path))      # what load_lavin will do
     load_adapters(target, path)
     assert_same(adapter_values(target), adapter_values(source))
     assert target.llama.layers[0].adapter_attn.temperature == 5.0

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lavin_fast.collate import IGNORE, Batch, Collator, SequenceLayout
+from lavin_fast.collate import IGNORE, Batch, Collator, SequenceLayout, split_groups, token_budget_groups
 from lavin_fast.data import Sample
 from lavin_fast.images import preprocess
 from lavin_fast.tokenizer import Tokenizer
@@ -256,3 +256,48 @@ def test_batch_to_keeps_values_and_answer_tokens():
     assert batch.tokens.device.type == "cpu"  # the original is untouched
     no_images = Batch(tokens, targets, torch.tensor([False, False]), None, image_start=3).to("cpu")
     assert no_images.images is None and no_images.ids == []
+
+
+# ---- micro-batches by a token budget ---------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_budget_groups_fit_the_budget_and_hold_every_sample_once(seed):
+    rng = random.Random(seed)
+    budget = rng.choice([512, 700, 1024])
+    sizes = [rng.randint(1, 512) for _ in range(rng.randint(1, 40))]
+    groups = token_budget_groups(sizes, budget)
+    assert sorted(i for group in groups for i in group) == list(range(len(sizes)))
+    assert all(group and sum(sizes[i] for i in group) <= budget for group in groups)
+    # No two groups could have been one: first-fit leaves no pair that fits together.
+    loads = sorted(sum(sizes[i] for i in group) for group in groups)
+    assert len(loads) < 2 or loads[0] + loads[1] > budget
+    for count in (len(groups), len(groups) + 3):
+        split = split_groups(groups, min(count, len(sizes)))
+        assert len(split) == max(len(groups), min(count, len(sizes)))
+        assert sorted(i for group in split for i in group) == list(range(len(sizes)))
+        assert all(group and sum(sizes[i] for i in group) <= budget for group in split)
+
+
+def test_a_sample_over_the_budget_or_too_few_samples_to_split_are_errors():
+    with pytest.raises(ValueError, match="1 sample.* of up to 600 tokens exceed the budget of 512"):
+        token_budget_groups([100, 600, 200], 512)
+    with pytest.raises(ValueError, match="3 samples cannot make 4 micro-batches"):
+        split_groups(token_budget_groups([100, 300, 200], 512), 4)
+
+
+def test_packed_micro_batches_by_budget_hold_the_steps_samples(tokenizer, samples):
+    """The collator's rows of each group stay within the budget, and the step's samples are all
+    there once, each with its own sequence (the rows are those samples concatenated)."""
+    collator = Collator(SequenceLayout(tokenizer), image_loader=functools.partial(preprocess, size=56), packing=True)
+    step = samples * 3
+    sequences = collator.sequences(step)
+    sizes = [len(ids) for _, (ids, _) in sequences]
+    budget = max(sizes) + min(sizes)
+    batches = [collator.collate([sequences[i] for i in group]) for group in token_budget_groups(sizes, budget)]
+    assert len(batches) > 1
+    assert all(batch.tokens.shape == (1, sum(batch.lengths[0])) and batch.tokens.shape[1] <= budget
+               for batch in batches)
+    assert sorted(i for batch in batches for i in batch.ids) == sorted(s.id for s in step)
+    by_id = {s.id: ids for s, (ids, _) in sequences}
+    for batch in batches:
+        assert batch.tokens[0].tolist() == [t for i in batch.ids for t in by_id[i]]

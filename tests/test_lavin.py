@@ -25,7 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lavin_fast.checkpoints.adapters import save_adapters
 from lavin_fast.checkpoints.clip import save_clip
+from lavin_fast.checkpoints.lavin import load_lavin
 from lavin_fast.checkpoints.llama import save_llama
 from lavin_fast.collate import Batch, Collator, SequenceLayout
 from lavin_fast.data import Sample
@@ -654,9 +656,9 @@ def test_presets_and_unknown_preset():
         LaVINConfig.from_preset("70b")
 
 
-# ---- from_pretrained --------------------------------------------------------------------------
+# ---- load_lavin -------------------------------------------------------------------------------
 
-def test_from_pretrained_end_to_end(tmp_path, layout, images):
+def test_load_lavin_end_to_end(tmp_path, layout, images):
     torch.manual_seed(7)
     tiny = LaVINConfig.from_preset("tiny")
     llama = Transformer(tiny.llama)
@@ -669,7 +671,7 @@ def test_from_pretrained_end_to_end(tmp_path, layout, images):
     save_llama(llama, tmp_path / "llama")
     save_clip(vit, tmp_path / "clip.safetensors")
 
-    lavin = LaVIN.from_pretrained(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors", preset="tiny")
+    lavin = load_lavin(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors", preset="tiny")
     assert lavin.config.neck_hidden == tiny.neck_hidden and lavin.config.temperature == tiny.temperature
     assert lavin.config.vit.taps == tiny.vit.taps and lavin.config.llama.dim == tiny.llama.dim
     state = lavin.state_dict()
@@ -686,12 +688,12 @@ def test_from_pretrained_end_to_end(tmp_path, layout, images):
         assert param.dtype == torch.float32
 
     # a non-default temperature travels with the adapter file
-    tuned = LaVIN.from_pretrained(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors", preset="tiny",
-                                  temperature=3.0).eval()
+    tuned = load_lavin(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors", preset="tiny",
+                       temperature=3.0).eval()
     randomize(tuned, seed=11, backbone=False)
-    tuned.save_adapters(tmp_path / "adapters.safetensors")
-    loaded = LaVIN.from_pretrained(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors",
-                                   adapters=tmp_path / "adapters.safetensors").eval()
+    save_adapters(tuned, tmp_path / "adapters.safetensors")
+    loaded = load_lavin(llama=tmp_path / "llama", clip=tmp_path / "clip.safetensors",
+                        adapters=tmp_path / "adapters.safetensors").eval()
     assert loaded.config.temperature == 3.0
     assert loaded.config.neck_hidden == tiny.neck_hidden     # from the file, not the default 7b preset
     assert all(layer.adapter_attn.temperature == 3.0 for layer in loaded.llama.layers)

@@ -1,7 +1,7 @@
 """A user moving to LLaMA-3: a tiny LLaMA-3.2-style Hugging Face folder (rope_scaling llama3,
 rope_theta 500000, tied embeddings, grouped-query attention, a byte-level BPE tokenizer.json
 with LLaMA-3's special tokens, all made here) runs through the same commands as LLaMA-1:
-`LaVIN.from_pretrained`, `lavin-fast train`, `eval` and `generate`."""
+`load_lavin`, `lavin-fast train`, `eval` and `generate`."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,10 @@ from helpers import train_hf_tokenizer
 from lavin_fast import cli, tiny
 from lavin_fast import train as training
 from lavin_fast.checkpoints.clip import save_clip
+from lavin_fast.checkpoints.lavin import load_lavin
 from lavin_fast.data import scienceqa_samples
 from lavin_fast.generation import generate_tokens
-from lavin_fast.models.lavin import LaVIN, LaVINConfig
+from lavin_fast.models.lavin import LaVINConfig
 from lavin_fast.models.vit import VisionTransformer
 from lavin_fast.tokenizer import Tokenizer
 
@@ -41,8 +42,8 @@ def backbones(tmp_path_factory):
     return {"data_root": str(data_root), "llama": str(folder), "clip": str(clip)}
 
 
-def test_from_pretrained_reads_a_llama3_folder(backbones):
-    model = LaVIN.from_pretrained(backbones["llama"], backbones["clip"], preset="tiny")
+def test_load_lavin_reads_a_llama3_folder(backbones):
+    model = load_lavin(backbones["llama"], backbones["clip"], preset="tiny")
     llama = model.llama.config
     assert (llama.rope_scaling.kind, llama.rope_scaling.factor, llama.rope_theta) == ("llama3", 32.0, 500000.0)
     assert torch.equal(model.llama.output.weight, model.llama.tok_embeddings.weight)  # tied

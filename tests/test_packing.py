@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lavin_fast.collate import IGNORE, Batch
+from lavin_fast.models.attention import packed_attention
 from lavin_fast.models.lavin import LaVIN, LaVINConfig
 from lavin_fast.models.segments import Segments
 
@@ -107,6 +108,7 @@ def test_segments_of_a_packed_row():
     # t_m alone, then the rest of its sample: attention segments [0], [1, 2], [3], [4, 5]
     assert segments.attention_ids.tolist() == [[0, 1, 1, 2, 3, 3]]
     assert segments.cu_seqlens.tolist() == [0, 1, 3, 4, 6] and segments.max_seqlen == 2
+    assert segments.longest_sample == 3
     padded = Segments.build(None, 2, 4)
     assert padded.one_per_row and padded.routing_index is None and padded.first.tolist() == [0, 4]
 
@@ -116,3 +118,41 @@ def test_segments_of_a_packed_row():
 def test_bad_segments_are_clear_errors(lengths, message):
     with pytest.raises(ValueError, match=message):
         Segments.build(lengths, 1, 6)
+
+
+def lavin_attention_by_hand(q, k, v, spans):
+    """float64 loops: within each span (a sample), slot 0 (t_m) outputs its own value, slot
+    j >= 1 attends to slots 1..j of its sample only; grouped-query heads share their kv head."""
+    out = torch.zeros_like(q)
+    group = q.shape[2] // k.shape[2]
+    for row, row_spans in enumerate(spans):
+        start = 0
+        for span in row_spans:
+            for head in range(q.shape[2]):
+                kv = head // group
+                out[row, start, head] = v[row, start, kv]
+                for j in range(1, span):
+                    keys = slice(start + 1, start + j + 1)
+                    scores = k[row, keys, kv] @ q[row, start + j, head] / q.shape[-1] ** 0.5
+                    out[row, start + j, head] = scores.softmax(0) @ v[row, keys, kv]
+            start += span
+    return out
+
+
+def test_packed_attention_is_each_samples_own_attention_with_t_m_isolated():
+    """Two rows, the second ending in pads (the end of its last sample), grouped-query heads:
+    outputs and gradients of q, k, v equal the per-sample attention written out by hand."""
+    lengths, length = [[3, 6, 1], [4, 2]], 10
+    spans = [[3, 6, 1], [4, 6]]
+    segments = Segments.build(lengths, 2, length, isolate_first=True)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, length, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, length, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    got = packed_attention(q, k, v, segments)
+    want = lavin_attention_by_hand(q, k, v, spans)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)

@@ -141,19 +141,45 @@ def test_the_global_batch_does_not_depend_on_the_micro_batch(tmp_path, shared_in
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_a_packed_run_logs_the_losses_of_a_padded_one(tmp_path, shared_inputs):
+# Three steps of 8 samples without dropout (its masks follow the layout), in micro-batches of 4.
+COMPARED = dict(max_steps=3, adapter_dropout=0.0, micro_batch=4)
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory, shared_inputs):
+    """The folder of a packed (default) run of the COMPARED settings, which layouts are held against."""
+    out = tmp_path_factory.mktemp("packed") / "run"
+    training.train(tiny_config(out, **COMPARED, **shared_inputs))
+    return out
+
+
+def test_a_packed_run_logs_the_losses_of_a_padded_one(tmp_path, shared_inputs, packed_run):
     """Packing (the default) changes the layout of each micro-batch, not the step: the same
-    losses and adapters as --no-packing, dropout off (its masks follow the layout)."""
-    settings = dict(max_steps=3, adapter_dropout=0.0, micro_batch=4, **shared_inputs)
-    training.train(tiny_config(tmp_path / "packed", **settings))
-    training.train(tiny_config(tmp_path / "padded", packing=False, **settings))
-    packed, padded = read_log(tmp_path / "packed"), read_log(tmp_path / "padded")
+    losses and adapters as --no-packing."""
+    training.train(tiny_config(tmp_path / "padded", packing=False, **COMPARED, **shared_inputs))
+    packed, padded = read_log(packed_run), read_log(tmp_path / "padded")
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=1e-5)
     assert [r["answer_tokens"] for r in packed] == [r["answer_tokens"] for r in padded]
-    final_packed = adapter_tensors(tmp_path / "packed" / "adapters.safetensors")
+    final_packed = adapter_tensors(packed_run / "adapters.safetensors")
     final_padded = adapter_tensors(tmp_path / "padded" / "adapters.safetensors")
     for key in final_padded:
         torch.testing.assert_close(final_packed[key], final_padded[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_micro_batches_by_token_budget_log_the_losses_of_fixed_ones(tmp_path, shared_inputs, packed_run):
+    """--max-tokens cuts each step's samples by tokens, not by count (here all 8 samples of
+    about 70 tokens in one row of 600): the step keeps its --effective-batch samples, so its
+    loss (the mean over the step's answer tokens) and the adapters are those of fixed
+    micro-batches; the log records how full they were."""
+    training.train(tiny_config(tmp_path / "budget", **{**COMPARED, "max_tokens": 600}, **shared_inputs))
+    fixed, budget = read_log(packed_run), read_log(tmp_path / "budget")
+    assert [r["loss"] for r in budget] == pytest.approx([r["loss"] for r in fixed], rel=1e-5)
+    assert [r["answer_tokens"] for r in budget] == [r["answer_tokens"] for r in fixed]
+    assert all(0 < r["fill"] <= 1 for r in budget) and "fill" not in fixed[0]
+    final_fixed = adapter_tensors(packed_run / "adapters.safetensors")
+    final_budget = adapter_tensors(tmp_path / "budget" / "adapters.safetensors")
+    for key in final_fixed:
+        torch.testing.assert_close(final_budget[key], final_fixed[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_config_file_with_command_line_overrides(tmp_path):

@@ -68,6 +68,11 @@ def one_line_error(capsys, run) -> str:
     (["--micro-batch", "3"], "--micro-batch"),            # 32 is not a multiple of 3
     (["--adapter-dropout", "1"], "--adapter-dropout"),
     (["--max-len", "0"], "--max-len"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--max-tokens", "511"], "--max-len"),                 # a 512-token sample would fit no micro-batch
+    (["--max-tokens", "1024", "--no-packing"], "--packing"),
+    (["--max-tokens", "1025", "--tp", "2", "--sequence-parallel"], "--tp"),
+    (["--max-tokens", "1024", "--dp", "3"], "--dp"),        # 32 samples do not split over 3 ranks
 ])
 def test_train_refuses_values_that_cannot_train_before_building_anything(flags, named, tmp_path, capsys,
                                                                           nothing_loads):

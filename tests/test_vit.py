@@ -564,10 +564,11 @@ def _llama_folder(folder):
     return save_llama(Transformer(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)), folder)
 
 
-def test_torchscript_archive_code_never_runs_through_from_pretrained_and_the_cli(tmp_path, monkeypatch):
+def test_torchscript_archive_code_never_runs_through_load_lavin_and_the_cli(tmp_path, monkeypatch):
     from lavin_fast import cli
 
     monkeypatch.setenv("LAVIN_FAST_DEBUG", "1")  # the CLI re-raises the error it would print in one line
+    from lavin_fast.checkpoints.lavin import load_lavin
     from lavin_fast.models.lavin import LaVIN
 
     torch.manual_seed(3)
@@ -576,7 +577,7 @@ def test_torchscript_archive_code_never_runs_through_from_pretrained_and_the_cli
     tokenizer = tmp_path / "missing-tokenizer.model"  # read after the backbones: reached only past the CLIP
     for where in ("root", "visual"):
         archive, marker = _malicious_archive(clip, tmp_path, where)
-        model = _outcome(lambda: LaVIN.from_pretrained(llama=llama, clip=archive, preset="tiny"), marker)
+        model = _outcome(lambda: load_lavin(llama=llama, clip=archive, preset="tiny"), marker)
         cli_error = _outcome(lambda: cli.main(["generate", "--preset", "tiny", "--llama", str(llama), "--clip",
                                                str(archive), "--tokenizer", str(tokenizer), "--prompt", "hi"]), marker)
         if where == "root":

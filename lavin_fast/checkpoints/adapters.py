@@ -81,7 +81,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-import lavin_fast
+from lavin_fast._version import __version__
 from lavin_fast.checkpoints.strict import CheckpointError, check_state_dict, torch_load
 from lavin_fast.io import atomic_write
 from lavin_fast.models.lavin import TRAINABLE_MARK, LaVIN, LaVINConfig
@@ -174,7 +174,7 @@ def _metadata(config: LaVINConfig) -> dict[str, str]:
     return {
         "format": FORMAT_TAG,
         "format_version": str(FORMAT_VERSION),
-        "lavin_fast_version": str(getattr(lavin_fast, "__version__", "unknown")),
+        "lavin_fast_version": __version__,
         "config": _config_json(config),
         # Spelled out although `config` has them too: they are what a reader must agree with,
         # and a reader should not need to parse the whole config to see them.

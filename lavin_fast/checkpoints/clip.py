@@ -59,6 +59,7 @@ from lavin_fast.checkpoints.strict import (
     torch_load,
     torchscript_tensors,
 )
+from lavin_fast.io import atomic_write
 from lavin_fast.models.vit import ACTIVATIONS, ViTConfig, VisionTransformer, default_taps
 
 # ours -> checkpoint, for the parameters outside the blocks and inside block N.
@@ -179,8 +180,6 @@ def save_clip(model: VisionTransformer, path: str | Path) -> Path:
     """Write a vision trunk as a safetensors state dict with OpenAI's key names (which
     `load_clip` reads back; OpenAI's rule heads = width / 64 must hold). Atomic."""
     from safetensors.torch import save_file
-
-    from lavin_fast.io import atomic_write
 
     if model.config.width != 64 * model.config.heads:
         raise ValueError(f"save_clip: OpenAI's format implies heads = width / 64, got width "

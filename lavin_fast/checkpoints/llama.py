@@ -82,6 +82,7 @@ from lavin_fast.checkpoints.strict import (
     read_json,
     torch_load,
 )
+from lavin_fast.io import atomic_write, atomic_write_text
 from lavin_fast.models.llama import ROPE_SCALINGS, LlamaConfig, RopeScaling, Transformer
 
 # ---- Meta ----------------------------------------------------------------------------------------
@@ -386,8 +387,6 @@ def _join(parts: list[Tensor], dim: int, dtype: torch.dtype | None, device: str 
 def save_llama(model: Transformer, folder: str | Path) -> Path:
     """Write a LLaMA as a one-shard Meta folder (params.json + consolidated.00.pth) that
     `load_llama` reads back; adapters, if any, are left out. Each file is written atomically."""
-    from lavin_fast.io import atomic_write, atomic_write_text
-
     config = model.config
     params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
               "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size, "multiple_of": config.multiple_of,

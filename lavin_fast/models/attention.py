@@ -4,9 +4,12 @@ Packed rows (several samples in a row, `lavin_fast.models.segments`) run `packed
 flash-attn's variable-length function when flash-attn is in use; otherwise, on CUDA fp16/bf16,
 PyTorch's own FlashAttention-2 variable-length op `torch.nn.attention.varlen.varlen_attn`
 (torch >= 2.10, with a backward; it is the same kernel SDPA runs, fed cumulative lengths, so
-nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9) SDPA with a
-block-diagonal causal mask built from the segment ids: exact and differentiable everywhere,
-quadratic in the row's length. FlexAttention was not chosen: fast only under torch.compile,
+nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9) the row's
+samples are gathered into a batch of one sample per row, padded to the longest, and run through
+LaVIN's own causal attention (`isolated_first_attention`), then scattered back: exact and
+differentiable everywhere, the work of the padded layout's attention (the samples' own
+causal squares), not of a mask over the whole row's square (its first version, 1.4x the
+pairs at ScienceQA's lengths and with no causal blocks skipped). FlexAttention was not chosen: fast only under torch.compile,
 with a block mask to build per batch; nested jagged tensors were not: their SDPA backward
 depends on the torch version and backend.
 
@@ -122,14 +125,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Ten
             _report("torch varlen")
             out = _torch_varlen(*flat, cu, longest)
         return out.view(rows, length, heads, head_dim)
-    _report("sdpa, block-diagonal mask")
-    ids = segments.attention_ids
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    mask = (ids[:, :, None] == ids[:, None, :]) & causal                     # [R, L, L]
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                         enable_gqa=bool(q.shape[1] != k.shape[1]))
-    return out.transpose(1, 2)
+    _report("sdpa, one sample per row")
+    # Sample s's slot j is flat slot first[s] + j; past a sample's end the index runs into the
+    # next sample (clamped at the last slot): those rows' outputs are never read back, and
+    # causality keeps every real query off their keys.
+    offsets = torch.arange(segments.longest_sample, device=q.device)
+    gather = (segments.first[:, None] + offsets).clamp(max=rows * length - 1)    # [S, longest]
+    q, k, v = (t.reshape(rows * length, *t.shape[2:])[gather] for t in (q, k, v))
+    out = (isolated_first_attention(q, k, v) if segments.isolate_first else attention(q, k, v, causal=True))
+    return out[segments.sample_of, segments.positions]                          # [R, L, H, Dh]
 
 
 def _report(backend: str) -> None:

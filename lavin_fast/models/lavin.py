@@ -16,9 +16,7 @@ but itself, so each layer's router, which reads position 0, depends on the modal
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +109,8 @@ LAVIN_PRESETS: dict[str, tuple[str, str] | None] = {
 
 class LaVIN(nn.Module):
     """The assembled model. Build it from a config (random backbones, e.g. under
-    `torch.device("meta")` or for tests) or hand it loaded backbones (`from_pretrained`)."""
+    `torch.device("meta")` or for tests) or hand it loaded backbones (what
+    `lavin_fast.checkpoints.lavin.load_lavin` does; adapter files: `checkpoints.adapters`)."""
 
     def __init__(self, config: LaVINConfig, llama: Transformer | None = None,
                  vit: VisionTransformer | None = None) -> None:
@@ -130,66 +129,6 @@ class LaVIN(nn.Module):
         self.adapter_proj = VisualNeck(width, config.neck_hidden, dim, config.neck_activation)
         self.adapter_modality_embedding = nn.Embedding(2, dim)
         self.freeze_backbone()
-
-    @classmethod
-    def from_pretrained(cls, llama: str | Path, clip: str | Path, adapters: str | Path | None = None, *,
-                        preset: str | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", max_seq_len: int = 512,
-                        parallelize: Callable[[LaVIN], None] | None = None, **overrides) -> LaVIN:
-        """LaVIN on real backbones: `llama` a Meta or Hugging Face folder (`open_llama`), `clip` an
-        OpenAI file or Hugging Face folder (`load_clip`), `adapters` (optional) a lavin_fast adapter
-        file or the reference's `checkpoint-E.pth` (`load_adapters`).
-
-        Adapter hyper-parameters come from the adapter file when it is lavin_fast's, else from
-        `preset` (`LAVIN_PRESETS`; default by the LLaMA's width: 5120 -> "13b", else "7b")
-        and the reference checkpoint's recorded temperature, then from `overrides`. dtype
-        converts the frozen backbones; the trainable parameters are created in fp32 on `device`.
-        Loading is strict throughout.
-
-        parallelize: applied to the assembled model while the LLaMA is still on the meta device
-        (e.g. `lavin_fast.parallel.apply_tensor_parallel`); the LLaMA's weights are then read
-        into whatever it made of them, so under tensor parallelism each rank reads only its shard.
-        """
-        from lavin_fast.checkpoints.adapters import (
-            is_lavin_fast_file,
-            load_adapters,
-            read_adapter_config,
-            read_reference_args,
-        )
-        from lavin_fast.checkpoints.clip import load_clip
-        from lavin_fast.checkpoints.llama import load_llama_weights, open_llama
-
-        source = open_llama(llama, max_seq_len=max_seq_len)
-        with torch.device("meta"):
-            llama_model = Transformer(source.config)
-        vit = load_clip(clip, dtype=dtype, device=device)
-        if adapters is not None and is_lavin_fast_file(adapters):
-            base = read_adapter_config(adapters)
-        else:
-            base = LaVINConfig.from_preset(preset or ("13b" if source.config.dim == 5120 else "7b"))
-            if adapters is not None and "temperature" in (args := read_reference_args(adapters)):
-                base = dataclasses.replace(base, temperature=float(args["temperature"]))
-        config = dataclasses.replace(base, llama=source.config, vit=vit.config, **overrides)
-        with torch.device(device):
-            model = cls(config, llama=llama_model, vit=vit)
-        if adapters is not None:  # a vit_routing given here is the explicit override load_adapters asks for
-            load_adapters(model, adapters, vit_routing=overrides.get("vit_routing"))
-        if parallelize is not None:
-            parallelize(model)
-        load_llama_weights(model.llama, source, dtype=dtype, device=device)
-        return model
-
-    def save_adapters(self, path: str | Path) -> Path:
-        """The trainable parameters and the config as one safetensors file (`checkpoints.adapters`)."""
-        from lavin_fast.checkpoints.adapters import save_adapters
-
-        return save_adapters(self, path)
-
-    def load_adapters(self, path: str | Path) -> None:
-        """Strictly load a lavin_fast adapter file or the reference's `checkpoint-E.pth`."""
-        from lavin_fast.checkpoints.adapters import load_adapters
-
-        load_adapters(self, path)
 
     def _adapter(self, dim: int, routing: str) -> MMAdapter:
         c = self.config
