@@ -122,7 +122,8 @@ void forward_rows(const Params& p, const at::Tensor& x, at::Tensor& y, at::Tenso
               *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> x_buf(d), out(d), mask(r);
+    std::vector<float> x_buf(d), out(d), mask(r), coef(2 * rg + 2);
+    std::vector<const float*> src(2 * rg + 2);
     for (int64_t m = begin; m < end; ++m) {
       const float* xr = row_as_float(xs, row_offset(x, m, p.tokens), d, x_buf.data());
       float* h = hds + m * r;
@@ -135,19 +136,16 @@ void forward_rows(const Params& p, const at::Tensor& x, at::Tensor& y, at::Tenso
       const int64_t t = p.table_row(m);
       const float s0 = s * w[2 * t], s1 = s * w[2 * t + 1];
       float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(ys + m * d) : out.data();
-      const Vec v0(s0), v1(s1);
-      int64_t c = 0;
-      for (; c + Vec::size() <= d; c += Vec::size()) {
-        const Vec bias = at::vec::fmadd(v0, Vec::loadu(ub + c), v1 * Vec::loadu(ud + c));
-        (Vec::loadu(xr + c) + bias).store(o + c);
-      }
-      for (; c < d; ++c) o[c] = xr[c] + (s0 * ub[c] + s1 * ud[c]);
-      for (int64_t k = 0; k * dg < d; ++k) {
+      for (int64_t k = 0; k * dg < d; ++k) {   // group k's columns: x + 2 r/g + 2 scaled rows, one pass
+        const int64_t c = k * dg;
+        int64_t n = 0;
         for (int64_t j = 0; j < rg; ++j) {
-          const float hk = h[k * rg + j];
-          axpy(s0 * hk, UbT + j * d + k * dg, o + k * dg, dg);
-          axpy(s1 * hk, UdT + j * d + k * dg, o + k * dg, dg);
+          src[n] = UbT + j * d + c, coef[n++] = s0 * h[k * rg + j];
+          src[n] = UdT + j * d + c, coef[n++] = s1 * h[k * rg + j];
         }
+        src[n] = ub + c, coef[n++] = s0;
+        src[n] = ud + c, coef[n++] = s1;
+        add_rows(xr + c, src.data(), coef.data(), n, o + c, dg);
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(o, ys + m * d, d);
     }
@@ -202,7 +200,7 @@ void backward_blocks(const Params& p, const at::Tensor& dy, const at::Tensor& x,
     std::vector<float> dy_buf(kFloat ? 0 : kRowBlock * d), x_buf(kFloat ? 0 : kRowBlock * d), dx_tile(kColTile);
     std::vector<float> dh(kRowBlock * r), hw0(kRowBlock * r), hw1(kRowBlock * r), sw(kRowBlock * 2), mask(r),
         dhw0(r), dhw1(r);
-    std::vector<const float*> dy_rows(kRowBlock), x_rows(kRowBlock);
+    std::vector<const float*> dy_rows(kRowBlock), x_rows(kRowBlock), a_rows(r);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t m0 = block * kRowBlock, rows = std::min(kRowBlock, M - m0);
       float* part = partials + block * layout.total;
@@ -236,11 +234,11 @@ void backward_blocks(const Params& p, const at::Tensor& dy, const at::Tensor& x,
       }
       for (int64_t c0 = 0; c0 < d; c0 += kColTile) {   // pass 2
         const int64_t c1 = std::min(d, c0 + kColTile), width = c1 - c0;
+        for (int64_t i = 0; i < r; ++i) a_rows[i] = A + i * d + c0;
         for (int64_t q = 0; q < rows; ++q) {   // dx = dy + dh A, one store per element
           const float *g = dy_rows[q] + c0, *dhq = dh.data() + q * r;
           float* out = kFloat ? reinterpret_cast<float*>(dxs + (m0 + q) * d) + c0 : dx_tile.data();
-          std::copy(g, g + width, out);
-          for (int64_t i = 0; i < r; ++i) axpy(dhq[i], A + i * d + c0, out, width);
+          add_rows(g, a_rows.data(), dhq, r, out, width);
           if constexpr (!kFloat) at::vec::convert(out, dxs + (m0 + q) * d + c0, width);
         }
         // The block's rows summed into the tile of each gradient, eight outputs at a time.

@@ -1,11 +1,12 @@
 // Row helpers shared by the native CPU kernels: fp32 views of rows, and the three vector loops
-// (dot product, axpy, scaled copy) everything else is written with. at::vec::Vectorized<float>
+// (dot products and sums of scaled rows) everything else is written with. at::vec::Vectorized<float>
 // is 16 lanes with AVX-512, 8 with AVX2 (the build picks the host's; see lavin_fast/native.py).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace lavin_fast_native {
@@ -27,18 +28,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// out[u] = sum_c a[c] b[u * b_stride + c] for u < n <= 4: a read once for four dot products,
-// four independent accumulators (no FMA latency chain). Same order for any thread count.
-inline void dot4(const float* a, const float* b, int64_t b_stride, int64_t n_dots, int64_t n, float* out) {
-  Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+// out[u] = sum_c a[c] b[u * b_stride + c] for u < kDots: a read once for kDots dot products,
+// kDots independent accumulators. kDots is a compile-time count so that the accumulators stay in
+// registers (with a runtime count they went through the stack every step: a store-to-load
+// chain that made the forward's down-projection latency-bound, perf annotate). Same order for
+// any thread count.
+template <int kDots>
+inline void dots(const float* a, const float* b, int64_t b_stride, int64_t n, float* out) {
+  Vec acc[kDots];
+  for (int u = 0; u < kDots; ++u) acc[u] = Vec(0.0f);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
     const Vec va = Vec::loadu(a + c);
-    for (int64_t u = 0; u < 4; ++u) {
-      if (u < n_dots) acc[u] = at::vec::fmadd(va, Vec::loadu(b + u * b_stride + c), acc[u]);
-    }
+    for (int u = 0; u < kDots; ++u) acc[u] = at::vec::fmadd(va, Vec::loadu(b + u * b_stride + c), acc[u]);
   }
-  for (int64_t u = 0; u < n_dots; ++u) {
+  for (int u = 0; u < kDots; ++u) {
     float lanes[Vec::size()];
     acc[u].store(lanes);
     float sum = 0.0f;
@@ -48,30 +52,35 @@ inline void dot4(const float* a, const float* b, int64_t b_stride, int64_t n_dot
   }
 }
 
-// out[u * out_stride + c] += sum_q coef[q * coef_stride + u] src[q][c] for u < n_out <= 8,
-// c in [c0, c1): a block of rows summed into up to eight outputs with the accumulators in
-// registers (one read-modify-write of each output per block, not per row).
-inline void accumulate_rows(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
-                            int64_t n_out, float* out, int64_t out_stride, int64_t c0, int64_t c1) {
+// dots<n_dots> for n_dots <= 4.
+inline void dot4(const float* a, const float* b, int64_t b_stride, int64_t n_dots, int64_t n, float* out) {
+  switch (n_dots) {
+    case 4: return dots<4>(a, b, b_stride, n, out);
+    case 3: return dots<3>(a, b, b_stride, n, out);
+    case 2: return dots<2>(a, b, b_stride, n, out);
+    default: return dots<1>(a, b, b_stride, n, out);
+  }
+}
+
+// out[u * out_stride + c] += sum_q coef[q * coef_stride + u] src[q][c] for u < kOut, c in
+// [c0, c1): a block of rows summed into kOut outputs with the accumulators in registers (one
+// read-modify-write of each output per block, not per row).
+template <int kOut>
+inline void accumulate_rows_n(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
+                              float* out, int64_t out_stride, int64_t c0, int64_t c1) {
   int64_t c = c0;
   for (; c + Vec::size() <= c1; c += Vec::size()) {
-    Vec acc[8];
-    for (int64_t u = 0; u < 8; ++u) {
-      if (u < n_out) acc[u] = Vec::loadu(out + u * out_stride + c);
-    }
+    Vec acc[kOut];
+    for (int u = 0; u < kOut; ++u) acc[u] = Vec::loadu(out + u * out_stride + c);
     for (int64_t q = 0; q < rows; ++q) {
       const Vec v = Vec::loadu(src[q] + c);
       const float* k = coef + q * coef_stride;
-      for (int64_t u = 0; u < 8; ++u) {
-        if (u < n_out) acc[u] = at::vec::fmadd(Vec(k[u]), v, acc[u]);
-      }
+      for (int u = 0; u < kOut; ++u) acc[u] = at::vec::fmadd(Vec(k[u]), v, acc[u]);
     }
-    for (int64_t u = 0; u < 8; ++u) {
-      if (u < n_out) acc[u].store(out + u * out_stride + c);
-    }
+    for (int u = 0; u < kOut; ++u) acc[u].store(out + u * out_stride + c);
   }
   for (; c < c1; ++c) {
-    for (int64_t u = 0; u < n_out; ++u) {
+    for (int u = 0; u < kOut; ++u) {
       float acc = out[u * out_stride + c];
       for (int64_t q = 0; q < rows; ++q) acc += coef[q * coef_stride + u] * src[q][c];
       out[u * out_stride + c] = acc;
@@ -79,14 +88,53 @@ inline void accumulate_rows(int64_t rows, const float* const* src, const float* 
   }
 }
 
-// y[c] += alpha x[c]
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const Vec va(alpha);
+// accumulate_rows_n<n_out> for n_out <= 8.
+inline void accumulate_rows(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
+                            int64_t n_out, float* out, int64_t out_stride, int64_t c0, int64_t c1) {
+  switch (n_out) {
+#define LAVIN_FAST_CASE(n) \
+    case n: return accumulate_rows_n<n>(rows, src, coef, coef_stride, out, out_stride, c0, c1);
+    LAVIN_FAST_CASE(8) LAVIN_FAST_CASE(7) LAVIN_FAST_CASE(6) LAVIN_FAST_CASE(5)
+    LAVIN_FAST_CASE(4) LAVIN_FAST_CASE(3) LAVIN_FAST_CASE(2) LAVIN_FAST_CASE(1)
+#undef LAVIN_FAST_CASE
+    default: return;
+  }
+}
+
+// out[c] = base[c] + sum_{q < kRows} coef[q] src[q][c], c < n: one pass over out for kRows
+// scaled rows (instead of kRows read-modify-writes of it, one per scaled row).
+template <int kRows>
+inline void add_rows_n(const float* base, const float* const* src, const float* coef, float* out, int64_t n) {
+  Vec k[kRows];
+  for (int q = 0; q < kRows; ++q) k[q] = Vec(coef[q]);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    at::vec::fmadd(va, Vec::loadu(x + c), Vec::loadu(y + c)).store(y + c);
+    Vec acc = Vec::loadu(base + c);
+    for (int q = 0; q < kRows; ++q) acc = at::vec::fmadd(k[q], Vec::loadu(src[q] + c), acc);
+    acc.store(out + c);
   }
-  for (; c < n; ++c) y[c] += alpha * x[c];
+  for (; c < n; ++c) {
+    float acc = base[c];
+    for (int q = 0; q < kRows; ++q) acc += coef[q] * src[q][c];
+    out[c] = acc;
+  }
+}
+
+// out[c] = base[c] + sum_{q < rows} coef[q] src[q][c] for any number of rows, eight per pass
+// (out may be base).
+inline void add_rows(const float* base, const float* const* src, const float* coef, int64_t rows, float* out,
+                     int64_t n) {
+  if (rows == 0 && out != base) std::copy(base, base + n, out);
+  for (int64_t q = 0; q < rows; q += 8) {
+    const float* from = q == 0 ? base : out;
+    switch (std::min<int64_t>(8, rows - q)) {
+#define LAVIN_FAST_CASE(k) \
+      case k: add_rows_n<k>(from, src + q, coef + q, out, n); break;
+      LAVIN_FAST_CASE(8) LAVIN_FAST_CASE(7) LAVIN_FAST_CASE(6) LAVIN_FAST_CASE(5)
+      LAVIN_FAST_CASE(4) LAVIN_FAST_CASE(3) LAVIN_FAST_CASE(2) LAVIN_FAST_CASE(1)
+#undef LAVIN_FAST_CASE
+    }
+  }
 }
 
 // Row m of a [B, N, d] tensor with unit inner stride, as an fp32 pointer: the row itself for
