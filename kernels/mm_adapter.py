@@ -149,20 +149,6 @@ def _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in
 
 
 @triton.jit
-def _with_router_rows(tile, r_w_ptr, units, cols, col_ok, D, R, UNITS_FIRST: tl.constexpr):
-    """`tile` (A's rows at units < R, 0 in the padding) with the router's two rows W_r [2, d] in
-    the padding units R and R + 1: one product over x then gives h and the routing logits
-    together (forward), one over dh gives dh A and dlogits W_r (backward). The tile is
-    [R_PAD, len(cols)] with UNITS_FIRST, else its transpose."""
-    router = (units >= R) & (units < R + 2)
-    if UNITS_FIRST:
-        at, ok = (units - R)[:, None] * D + cols[None, :], router[:, None] & col_ok[None, :]
-    else:
-        at, ok = (units - R)[None, :] * D + cols[:, None], router[None, :] & col_ok[:, None]
-    return tile + tl.load(r_w_ptr + at, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-
-
-@triton.jit
 def _grouped_up(b_w_ptr, d_w_ptr, cols, col_ok, D_GROUP, R_GROUP, R, K_PAD: tl.constexpr):
     """The two up-projections' entries for columns `cols` on the doubled hidden axis,
     [K_PAD, len(cols)] fp32, read from the grouped weights [d, r/g] (0 off the groups)."""
@@ -186,10 +172,10 @@ def _down_kernel(
 ):
     """Forward 1 of 3, grid (d slices, row groups): part[slice, m] = x[m, slice] A[:, slice]^T
     for the rows [row0, row1) of one chunk, and with HAS_ROUTER the routing logits' partials
-    x[m, slice] W_r[:, slice]^T beside them (W_r's two rows in A's padding: the same product).
+    x[m, slice] W_r[:, slice]^T beside them (W_r's rows in A's padding: the same product).
     A program loads its slice of A (and W_r) once ([BLOCK_SLICE, R_PAD], kept in registers) and
     streams BLOCKS_PER_GROUP row blocks of x through it, x marked evict_last (`_up_kernel`
-    reads it again). part: [slices, M, WIDTH] fp32, WIDTH = r (+ 2 with the router).
+    reads it again). part: [slices, M, WIDTH] fp32, WIDTH = r (+ 4 with the router).
 
     HBM bytes per chunk of Mc rows: x read (Mc d e); A (and W_r) read from L2 once per row
     group (4 WIDTH d G); partials written (4 Mc WIDTH d / BLOCK_SLICE), read back by
@@ -200,7 +186,14 @@ def _down_kernel(
     a_t = tl.load(a_w_ptr + i[None, :] * D + c[:, None], mask=(i < R)[None, :] & c_ok[:, None], other=0.0,
                   eviction_policy="evict_last").to(tl.float32)                     # [BLOCK_SLICE, R_PAD]
     if HAS_ROUTER:
-        a_t = _with_router_rows(a_t, r_w_ptr, i, c, c_ok, D, R, UNITS_FIRST=False)
+        # W_r's rows in A's padding, each as its rounding to x's dtype (units R, R + 1) and the
+        # remainder (R + 2, R + 3): the one product over x also gives the routing logits, to
+        # fp32 accuracy on 16-bit MMAs too (x is exact in its dtype).
+        unit = i - R
+        w_r = tl.load(r_w_ptr + (unit % 2)[None, :] * D + c[:, None], mask=((unit >= 0) & (unit < 4))[None, :]
+                      & c_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        head = w_r.to(x_ptr.dtype.element_ty).to(tl.float32)
+        a_t += tl.where((unit < 2)[None, :], head, w_r - head)
     if DOT16:
         a_t = a_t.to(x_ptr.dtype.element_ty)
     first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
@@ -224,7 +217,7 @@ def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, M,
                    R_PAD: tl.constexpr):
     """Forward 2 of 3, BLOCK_ROWS rows per program: hd = (sum_slices part + a) * mask [M, r];
     with HAS_ROUTER also every row's routing weights softmax((z + b_r) / temperature) into
-    probs [M, 2], z the summed logits (units R, R + 1 of the partials).
+    probs [M, 2], z_e the summed logits (units R + e and R + 2 + e of the partials).
 
     HBM bytes: partials read (4 Mc WIDTH slices, from L2), hd written (4 Mc r), probs (8 Mc)."""
     rows = row0 + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -236,9 +229,10 @@ def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, M,
                      mask=row_ok[:, None] & (i < WIDTH)[None, :], other=0.0)
     if HAS_ROUTER:
         inv_temperature = tl.cast(inv_temperature, tl.float32)
-        z0 = (tl.sum(tl.where(i[None, :] == R, h, 0.0), axis=1) + tl.load(r_b_ptr).to(tl.float32)) * inv_temperature
-        z1 = (tl.sum(tl.where(i[None, :] == R + 1, h, 0.0), axis=1)
-              + tl.load(r_b_ptr + 1).to(tl.float32)) * inv_temperature
+        unit = (i - R)[None, :]
+        z0 = tl.sum(tl.where((unit == 0) | (unit == 2), h, 0.0), axis=1) + tl.load(r_b_ptr).to(tl.float32)
+        z1 = tl.sum(tl.where((unit == 1) | (unit == 3), h, 0.0), axis=1) + tl.load(r_b_ptr + 1).to(tl.float32)
+        z0, z1 = z0 * inv_temperature, z1 * inv_temperature
         top = tl.maximum(z0, z1)
         e0, e1 = tl.exp(z0 - top), tl.exp(z1 - top)
         tl.store(probs_ptr + rows * 2, e0 / (e0 + e1), mask=row_ok)
@@ -397,10 +391,9 @@ def _cols_kernel(
     dA = dh^T x, dU = s hw^T dy (grouped entries only), du_e = s sum w_e dy and da = sum dh,
     stored as one row (GROUP0 + its group) of the partials [groups, TOTAL] that
     `_reduce_kernel` sums. Layout of a row: dA [r, d], dU_0 [d, r/g], dU_1 [d, r/g], du_0 [d],
-    du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r), and with FUSED_ROUTER dW_r [2, d],
-    db_r [2] (TOTAL + 2 d + 2). The router rides in the padding of the hidden axis: W_r's rows
-    sit in A's units R, R + 1 and each row's dlog in dh's, so the products above also give
-    dx += dlog W_r, dW_r = dlog^T x and db_r = sum dlog.
+    du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r), and with FUSED_ROUTER (each row routed
+    by itself) the router's share from the rows' dz = dlog: dx += dz W_r, dW_r = dz^T x [2, d]
+    and db_r = sum dz [2] (TOTAL + 2 d + 2), in fp32 FMAs on the tiles already loaded.
 
     HBM bytes per chunk: dy again (from L2), x read (Mc d e), dx written (Mc d e); dh, hd from
     L2; partials written (4 TOTAL per group)."""
@@ -414,7 +407,12 @@ def _cols_kernel(
     a = tl.load(a_w_ptr + i[:, None] * D + c[None, :], mask=i_ok[:, None] & c_ok[None, :], other=0.0,
                 eviction_policy="evict_last").to(tl.float32)                       # [R_PAD, BLOCK_D]
     if FUSED_ROUTER:
-        a = _with_router_rows(a, r_w_ptr, i, c, c_ok, D, R, UNITS_FIRST=True)
+        w_r0 = tl.load(r_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        w_r1 = tl.load(r_w_ptr + D + c, mask=c_ok, other=0.0).to(tl.float32)
+    dw_r0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw_r1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db_r0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db_r1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     if DOT16:
         a = a.to(x_ptr.dtype.element_ty)
     da_acc = tl.zeros([R_PAD, BLOCK_D], dtype=tl.float32)
@@ -433,9 +431,6 @@ def _cols_kernel(
         x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
                     mask=tile_ok, other=0.0, eviction_policy="evict_first")
         dh = tl.load(dh_ptr + rows[:, None] * R + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
-        if FUSED_ROUTER:
-            dh += tl.load(dlog_ptr + rows[:, None] * 2 + (i - R)[None, :],
-                          mask=row_ok[:, None] & ((i >= R) & (i < R + 2))[None, :], other=0.0)
         _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
                                 stride_wr, stride_we, TABLE_ROW)
         hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
@@ -451,6 +446,15 @@ def _cols_kernel(
             dx = dy.to(tl.float32) + tl.dot(dh, a, input_precision=PRECISION)
             da_acc = tl.dot(tl.trans(dh), x.to(tl.float32), da_acc, input_precision=PRECISION)
             du_acc = tl.dot(tl.trans(hw), dy.to(tl.float32), du_acc, input_precision=PRECISION)
+        if FUSED_ROUTER:
+            dz0 = tl.load(dlog_ptr + rows * 2, mask=row_ok, other=0.0)
+            dz1 = tl.load(dlog_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+            dx += dz0[:, None] * w_r0[None, :] + dz1[:, None] * w_r1[None, :]
+            x32 = x.to(tl.float32)
+            dw_r0 += tl.sum(dz0[:, None] * x32, axis=0)
+            dw_r1 += tl.sum(dz1[:, None] * x32, axis=0)
+            db_r0 += dz0
+            db_r1 += dz1
         tl.store(dx_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
         dy32 = dy.to(tl.float32)
         du0_acc += tl.sum(w0[:, None] * dy32, axis=0)
@@ -468,11 +472,12 @@ def _cols_kernel(
     if tl.program_id(0) == 0:
         tl.store(biases + 2 * D + i, dh_sum, mask=i_ok)
     if FUSED_ROUTER:
-        router = (i >= R) & (i < R + 2)
         d_router = biases + 2 * D + R
-        tl.store(d_router + (i - R)[:, None] * D + c[None, :], da_acc, mask=router[:, None] & c_ok[None, :])
+        tl.store(d_router + c, dw_r0, mask=c_ok)
+        tl.store(d_router + D + c, dw_r1, mask=c_ok)
         if tl.program_id(0) == 0:
-            tl.store(d_router + 2 * D + (i - R), dh_sum, mask=router)
+            tl.store(d_router + 2 * D, tl.sum(db_r0, axis=0))
+            tl.store(d_router + 2 * D + 1, tl.sum(db_r1, axis=0))
 
 
 @triton.jit
@@ -549,9 +554,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _pads(hidden: int, router: bool = False) -> tuple[int, int]:
-    """(R_PAD, K_PAD): the hidden axis (with the router's two rows after it) and the doubled
-    (routed) axis, padded for tl.dot (>= 16)."""
-    return max(16, triton.next_power_of_2(hidden + 2 * router)), max(16, triton.next_power_of_2(2 * hidden))
+    """(R_PAD, K_PAD): the hidden axis (with the router's four units after it, see
+    `_down_kernel`) and the doubled (routed) axis, padded for tl.dot (>= 16)."""
+    return max(16, triton.next_power_of_2(hidden + 4 * router)), max(16, triton.next_power_of_2(2 * hidden))
 
 
 def _slices(dim: int, row_blocks: int, config: dict, programs: int) -> int:
@@ -700,12 +705,12 @@ def mm_adapter_forward(
     it (a sample's first token does); checked here when there are several chunks (a sync).
 
     HBM bytes, M = B N, e = x's element size, fp32 weights, S = d slices, G = row groups of
-    `_down_kernel`, W = r (r + 2 with the router): x read once (M d e: the second read, in
+    `_down_kernel`, W = r (r + 4 with the router): x read once (M d e: the second read, in
     `_up_kernel`, hits L2 by design), y written (M d e), weights once (4 (W d + 2 d r/g + 2 d
     + r)), partials 8 S M W, hd 4 M r, with the router the rows' weights 8 M:
     2 M d e + 8 S M W + 4 M r + ~4 (W + 2 r/g + 2) d.
-    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8), router on: 33,554,432 + 1,310,720
-    + 65,536 + 16,384 + 327,712 = 35.3 MB against the floor 2 M d e = 33.6 MB (+5%).
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8), router on: 33,554,432 + 1,572,864
+    + 65,536 + 16,384 + 360,480 = 35.6 MB against the floor 2 M d e = 33.6 MB (+6%).
     """
     if (routing is None) == (router is None) or (router is not None and router.bias is None):
         raise ValueError("mm_adapter kernel: pass either a routing table or a router (with its bias)")
@@ -735,7 +740,7 @@ def mm_adapter_forward(
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
     width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
     slices = triton.cdiv(dim, width)
-    part_width = hidden + 2 * has_router
+    part_width = hidden + 4 * has_router
     part = empty((slices, rows, part_width), torch.float32, x.device)
     col_blocks = triton.cdiv(dim, cfg["block_d_up"])
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -788,8 +793,8 @@ def mm_adapter_backward(
     The router's gradient, through the softmax: dz_t = w_t (dw_t - w_t . dw_t) / temperature
     per table row t (dw_t its routing gradient), dW_r = dz^T x[rows], db_r = sum_t dz_t and
     dx[rows] += dz W_r. Each row routing itself (router rows None), all of it rides in the
-    kernels: `_dh_kernel` writes dz per row and `_cols_kernel` carries it in the hidden axis'
-    padding. With router rows (a table row per sample: few), dz sums over all the rows reading
+    kernels: `_dh_kernel` writes dz per row and `_cols_kernel` adds its share to dx and the
+    partials. With router rows (a table row per sample: few), dz sums over all the rows reading
     it, so it is complete only after the last chunk: a few torch ops on [T, d] then
     (`_router_rows_backward`), dx updated in place.
 
@@ -822,7 +827,7 @@ def mm_adapter_backward(
     cfg = launch_config(x, config)
     sms = _target.sm_count(device, cfg["sms"])
     programs = cfg["waves"] * sms
-    r_pad, k_pad = _pads(hidden, fused_router)
+    r_pad, k_pad = _pads(hidden)
     dot16 = cfg["dot16"] and x.dtype != torch.float32
     precision = _precision(x.dtype)
     down_weight = down_weight.contiguous()
@@ -955,10 +960,10 @@ def _native_index(routing_index: Tensor | None, router: Router | None, x: Tensor
 
 
 def _forward(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
-            up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor | None, routing_index: Tensor | None,
-            scale: float, dropout_p: float, seed: Tensor | None, router_weight: Tensor | None,
-            router_bias: Tensor | None, router_rows: Tensor | None, temperature: float
-            ) -> tuple[Tensor, Tensor, Tensor]:
+             up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor | None, routing_index: Tensor | None,
+             scale: float, dropout_p: float, seed: Tensor | None, router_weight: Tensor | None = None,
+             router_bias: Tensor | None = None, router_rows: Tensor | None = None, temperature: float = 1.0
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton kernels (any device; on CPU in the interpreter): (y, hd, the routing table the
     router computed: [T, 2] fp32, or [0, 2] for a given table, which an op's output may not
     alias)."""
@@ -973,7 +978,7 @@ _fwd_op = torch.library.custom_op("lavin_fast::mm_adapter_fwd", _forward, mutate
 
 @_fwd_op.register_kernel("cpu")
 def _fwd_cpu(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
-             scale, dropout_p, seed, router_weight, router_bias, router_rows, temperature):
+             scale, dropout_p, seed, router_weight=None, router_bias=None, router_rows=None, temperature=1.0):
     """CPU tensors: the native kernel (csrc/mm_adapter.cpp, its own dropout mask from `seed`),
     or under LAVIN_FAST_BACKEND=triton the Triton kernels in the interpreter. The native code
     takes a given table only, so there the router runs in torch around it (`reference.route_rows`:
@@ -991,7 +996,7 @@ def _fwd_cpu(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_
 
 @_fwd_op.register_fake
 def _fwd_fake(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
-              scale, dropout_p, seed, router_weight, router_bias, router_rows, temperature):
+              scale, dropout_p, seed, router_weight=None, router_bias=None, router_rows=None, temperature=1.0):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     table_rows = 0 if router_weight is None else (
         x.shape[0] * x.shape[1] if router_rows is None else router_rows.shape[0])
@@ -999,10 +1004,10 @@ def _fwd_fake(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up
             x.new_empty((table_rows, 2), dtype=torch.float32))
 
 
-def _backward_kernels(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor, up_d_weight: Tensor,
-            up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
-            dropout_p: float, seed: Tensor | None, router_weight: Tensor | None, router_rows: Tensor | None,
-            temperature: float) -> list[Tensor]:
+def _backward_kernels(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+                      up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None,
+                      hd: Tensor, scale: float, dropout_p: float, seed: Tensor | None, router_weight: Tensor | None = None,
+                      router_rows: Tensor | None = None, temperature: float = 1.0) -> list[Tensor]:
     """The Triton kernels: dx, d routing, the six weight gradients, and with the router its
     weight's and bias's (`mm_adapter_backward`'s order); `routing` is the table the forward used."""
     router = _router(router_weight, None, router_rows, temperature)         # the bias is not read
@@ -1016,7 +1021,7 @@ _bwd_op = torch.library.custom_op("lavin_fast::mm_adapter_bwd", _backward_kernel
 
 @_bwd_op.register_kernel("cpu")
 def _bwd_cpu(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, scale,
-             dropout_p, seed, router_weight, router_rows, temperature):
+             dropout_p, seed, router_weight=None, router_rows=None, temperature=1.0):
     if not cpu_runs_native():
         return _backward_kernels(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
                                  routing_index, hd, scale, dropout_p, seed, router_weight, router_rows, temperature)
@@ -1031,7 +1036,7 @@ def _bwd_cpu(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd,
-              scale, dropout_p, seed, router_weight, router_rows, temperature):
+              scale, dropout_p, seed, router_weight=None, router_rows=None, temperature=1.0):
     f32 = functools.partial(x.new_empty, dtype=torch.float32)
     router = [f32(router_weight.shape), f32((2,))] if router_weight is not None else []
     return [torch.empty_like(x, memory_format=torch.contiguous_format), f32(routing.shape),
