@@ -942,3 +942,21 @@ def test_module_routes_every_mode_inside_the_op(routing):
     assert set(grads) == set(grads64) and "expert_weights.weight" in grads
     for name in grads:
         torch.testing.assert_close(grads[name].double(), grads64[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["per_token", "packed"])
+def test_op_registration_with_the_router_passes_opcheck(kind):
+    """The router's schema (three optional tensors and the temperature), its fakes (the table
+    [T, 2] as a third output, the router's gradients after the weights') and autograd."""
+    params, dy = router_problem(2, 3, 20, 8, torch.float32, seed=4)
+    rows, index = router_layout(kind, 2, 3)
+    x, a_w, a_b, b_w, b_b, d_w, d_b, r_w, r_b = (v.detach().requires_grad_() for v in params.values())
+    weights = (a_w.squeeze(-1), a_b, b_w.squeeze(-1), b_b, d_w.squeeze(-1), d_b)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default,
+                          (x, *weights, None, index, 1.3, 0.0, None, r_w, r_b, rows, 2.0))
+    router = kernel.Router(r_w.detach(), r_b.detach(), 2.0, rows)
+    _, hd, table = kernel.mm_adapter_forward(x.detach(), *(w.detach() for w in weights), None, index, 1.3,
+                                             router=router)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
+                          (dy, x.detach(), weights[0].detach(), *(w.detach() for w in weights[2:]), table, index, hd,
+                           1.3, 0.0, None, r_w.detach(), rows, 2.0))
