@@ -137,7 +137,7 @@ def providers(module, x, routing, decode, native_cpu=False):
         raw_forward = raw_launch(kernels.mm_adapter_forward, **arguments)
         out["kernels"] = {"fwd": raw_forward}
         if not decode:
-            _, hd = raw_forward()
+            hd = raw_forward()[1]
             out["kernels"]["bwd"] = raw_launch(kernels.mm_adapter_backward, dy=dy, hd=hd, **arguments)
     out["reference_conv"] = autograd_modes(lambda inp: reference_conv(inp, routing_g.to(x.dtype), **conv),
                                            [*conv.values(), routing_g])

@@ -132,7 +132,7 @@ def launch_cost(kernels, shape, dtype, device, quick: bool) -> Callable[[Config]
 
     def cost(config: Config) -> float:
         forward = raw_launch(kernels.mm_adapter_forward, **arguments, config=config)
-        _, hd = forward()
+        hd = forward()[1]
         backward = raw_launch(kernels.mm_adapter_backward, **arguments, hd=hd, config=config)
         return (harness.time_ms(forward, quick) + harness.time_ms(backward, quick)) / 1e3
 

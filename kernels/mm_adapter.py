@@ -48,16 +48,17 @@ mask the kernels use, for tests).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lavin_fast import native
+from lavin_fast import native, reference
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
-from lavin_fast.ops import KERNEL_DTYPES, cpu_runs_native
+from lavin_fast.ops import KERNEL_DTYPES, check_router_order, cpu_runs_native
 
 # Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
 # that every kernel compiles for sm_80 and sm_90 without spills, the main launches at 7B
@@ -124,14 +125,21 @@ def _row_offsets(rows, N, stride_b, stride_n):
     return (rows // N).to(tl.int64) * stride_b + (rows % N).to(tl.int64) * stride_n
 
 
+# How a row m = b N + n finds its routing-table row t (the TABLE_ROW constexpr of the kernels):
+# t = b, t = index[b, n], or t = m (a table row per row: the fused router's per-token routing).
+BY_SAMPLE, BY_INDEX, BY_ROW = (tl.constexpr(mode) for mode in range(3))
+
+
 @triton.jit
 def _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we,
-             HAS_INDEX: tl.constexpr):
-    """(t, ok, w_0, w_1) of each row: its routing-table row t (index[b, n], or b without an
-    index) and that row's weights in fp32; ok is False (and w 0) for rows past the end and for
-    an index outside [0, TABLE_ROWS), which is never read."""
-    if HAS_INDEX:
+             TABLE_ROW: tl.constexpr):
+    """(t, ok, w_0, w_1) of each row: its routing-table row t (see BY_SAMPLE, BY_INDEX, BY_ROW)
+    and that row's weights in fp32; ok is False (and w 0) for rows past the end and for an
+    index outside [0, TABLE_ROWS), which is never read."""
+    if TABLE_ROW == BY_INDEX:
         t = tl.load(index_ptr + _row_offsets(rows, N, stride_ib, stride_in), mask=row_ok, other=0).to(tl.int64)
+    elif TABLE_ROW == BY_ROW:
+        t = rows.to(tl.int64)
     else:
         t = (rows // N).to(tl.int64)
     ok = row_ok & (t >= 0) & (t < TABLE_ROWS)
@@ -156,24 +164,36 @@ def _grouped_up(b_w_ptr, d_w_ptr, cols, col_ok, D_GROUP, R_GROUP, R, K_PAD: tl.c
 
 @triton.jit
 def _down_kernel(
-    x_ptr, a_w_ptr, part_ptr,
-    row0, row1, M, N, D, R, BLOCKS_PER_GROUP,
+    x_ptr, a_w_ptr, r_w_ptr, part_ptr,
+    row0, row1, M, N, D, R, WIDTH, BLOCKS_PER_GROUP,
     stride_xb, stride_xn, stride_xd,
-    BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_ROUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, R_PAD: tl.constexpr,
     DOT16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward 1 of 3, grid (d slices, row groups): part[slice, m] = x[m, slice] A[:, slice]^T
-    for the rows [row0, row1) of one chunk. A program loads its A slice once ([BLOCK_SLICE,
-    R_PAD], kept in registers) and streams BLOCKS_PER_GROUP row blocks of x through it, x
-    marked evict_last (`_up_kernel` reads it again). part: [slices, M, r] fp32.
+    for the rows [row0, row1) of one chunk, and with HAS_ROUTER the routing logits' partials
+    x[m, slice] W_r[:, slice]^T beside them (W_r's rows in A's padding: the same product).
+    A program loads its slice of A (and W_r) once ([BLOCK_SLICE, R_PAD], kept in registers) and
+    streams BLOCKS_PER_GROUP row blocks of x through it, x marked evict_last (`_up_kernel`
+    reads it again). part: [slices, M, WIDTH] fp32, WIDTH = r (+ 4 with the router).
 
-    HBM bytes per chunk of Mc rows: x read (Mc d e); A read from L2 once per row group
-    (4 r d G); partials written (4 Mc r d / BLOCK_SLICE), read back by `_hidden_kernel`."""
+    HBM bytes per chunk of Mc rows: x read (Mc d e); A (and W_r) read from L2 once per row
+    group (4 WIDTH d G); partials written (4 Mc WIDTH d / BLOCK_SLICE), read back by
+    `_hidden_kernel`."""
     c = tl.program_id(0) * BLOCK_SLICE + tl.arange(0, BLOCK_SLICE)
     c_ok = c < D
     i = tl.arange(0, R_PAD)
     a_t = tl.load(a_w_ptr + i[None, :] * D + c[:, None], mask=(i < R)[None, :] & c_ok[:, None], other=0.0,
                   eviction_policy="evict_last").to(tl.float32)                     # [BLOCK_SLICE, R_PAD]
+    if HAS_ROUTER:
+        # W_r's rows in A's padding, each as its rounding to x's dtype (units R, R + 1) and the
+        # remainder (R + 2, R + 3): the one product over x also gives the routing logits, to
+        # fp32 accuracy on 16-bit MMAs too (x is exact in its dtype).
+        unit = i - R
+        w_r = tl.load(r_w_ptr + (unit % 2)[None, :] * D + c[:, None], mask=((unit >= 0) & (unit < 4))[None, :]
+                      & c_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        head = w_r.to(x_ptr.dtype.element_ty).to(tl.float32)
+        a_t += tl.where((unit < 2)[None, :], head, w_r - head)
     if DOT16:
         a_t = a_t.to(x_ptr.dtype.element_ty)
     first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
@@ -187,27 +207,41 @@ def _down_kernel(
             h = tl.dot(x, a_t)
         else:
             h = tl.dot(x.to(tl.float32), a_t, input_precision=PRECISION)
-        tl.store(part_ptr + (tl.program_id(0).to(tl.int64) * M + rows)[:, None] * R + i[None, :], h,
-                 mask=row_ok[:, None] & (i < R)[None, :])
+        tl.store(part_ptr + (tl.program_id(0).to(tl.int64) * M + rows)[:, None] * WIDTH + i[None, :], h,
+                 mask=row_ok[:, None] & (i < WIDTH)[None, :])
 
 
 @triton.jit
-def _hidden_kernel(part_ptr, a_b_ptr, hd_ptr, row0, row1, M, R, SLICES, p, seed_ptr,
-                   HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr):
-    """Forward 2 of 3, BLOCK_ROWS rows per program: hd = (sum_slices part + a) * mask [M, r].
+def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, M, R, WIDTH, SLICES, p, seed_ptr,
+                   inv_temperature, HAS_ROUTER: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   R_PAD: tl.constexpr):
+    """Forward 2 of 3, BLOCK_ROWS rows per program: hd = (sum_slices part + a) * mask [M, r];
+    with HAS_ROUTER also every row's routing weights softmax((z + b_r) / temperature) into
+    probs [M, 2], z_e the summed logits (units R + e and R + 2 + e of the partials).
 
-    HBM bytes: partials read (4 Mc r slices, from L2), hd written (4 Mc r)."""
+    HBM bytes: partials read (4 Mc WIDTH slices, from L2), hd written (4 Mc r), probs (8 Mc)."""
     rows = row0 + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < row1
     i = tl.arange(0, R_PAD)
-    ok = (rows < row1)[:, None] & (i < R)[None, :]
-    at = rows[:, None] * R + i[None, :]
     h = tl.zeros([BLOCK_ROWS, R_PAD], dtype=tl.float32)
     for s in range(0, SLICES):
-        h += tl.load(part_ptr + s * M * R + at, mask=ok, other=0.0)
+        h += tl.load(part_ptr + (s * M + rows)[:, None] * WIDTH + i[None, :],
+                     mask=row_ok[:, None] & (i < WIDTH)[None, :], other=0.0)
+    if HAS_ROUTER:
+        inv_temperature = tl.cast(inv_temperature, tl.float32)
+        unit = (i - R)[None, :]
+        z0 = tl.sum(tl.where((unit == 0) | (unit == 2), h, 0.0), axis=1) + tl.load(r_b_ptr).to(tl.float32)
+        z1 = tl.sum(tl.where((unit == 1) | (unit == 3), h, 0.0), axis=1) + tl.load(r_b_ptr + 1).to(tl.float32)
+        z0, z1 = z0 * inv_temperature, z1 * inv_temperature
+        top = tl.maximum(z0, z1)
+        e0, e1 = tl.exp(z0 - top), tl.exp(z1 - top)
+        tl.store(probs_ptr + rows * 2, e0 / (e0 + e1), mask=row_ok)
+        tl.store(probs_ptr + rows * 2 + 1, e1 / (e0 + e1), mask=row_ok)
+    ok = row_ok[:, None] & (i < R)[None, :]
     h += tl.load(a_b_ptr + i, mask=i < R, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
         h = h * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
-    tl.store(hd_ptr + at, h, mask=ok)
+    tl.store(hd_ptr + rows[:, None] * R + i[None, :], h, mask=ok)
 
 
 @triton.jit
@@ -215,7 +249,7 @@ def _up_kernel(
     x_ptr, w_ptr, index_ptr, hd_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, y_ptr,
     row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP,
     stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we, scale,
-    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+    TABLE_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
     DOT16: tl.constexpr,
 ):
     """Forward 3 of 3, grid (column blocks, row groups of the chunk): a program loads the grouped
@@ -242,7 +276,7 @@ def _up_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < last
         _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
-                                stride_wr, stride_we, HAS_INDEX)
+                                stride_wr, stride_we, TABLE_ROW)
         hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
                      other=0.0)
         hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])           # [BLOCK_M, K_PAD]
@@ -294,16 +328,20 @@ def _dhw_kernel(
 
 @triton.jit
 def _dh_kernel(
-    part_ptr, w_ptr, index_ptr, hd_ptr, dh_ptr, dw_ptr,
+    part_ptr, w_ptr, index_ptr, hd_ptr, dh_ptr, dw_ptr, dlog_ptr,
     row0, row1, M, N, R, SLICES, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we, scale, p, seed_ptr,
-    HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr,
+    inv_temperature,
+    TABLE_ROW: tl.constexpr, FUSED_ROUTER: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """Backward 2 of 3, BLOCK_ROWS rows per program: sums the slices' partials into
     dhw_e = s dy U_e and dy . u_e, then writes the per-row routing gradient
     dw_e = hd . dhw_e + s dy . u_e ([M, 2]) and dh = (w_0 dhw_0 + w_1 dhw_1) * mask ([M, r]).
+    With FUSED_ROUTER (every row routed by itself, w = softmax(z / temperature) its own) also the
+    softmax's backward dz_e = w_e (dw_e - w . dw) / temperature into dlog [M, 2].
 
     HBM bytes: partials (4 Mc (2r + 2) slices, from L2), hd read (4 Mc r), dh and dw written
-    (4 Mc (r + 2))."""
+    (4 Mc (r + 2)), dlog (8 Mc)."""
     scale = tl.cast(scale, tl.float32)
     rows = row0 + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < row1
@@ -321,10 +359,17 @@ def _dh_kernel(
         dyu0 += tl.load(part + 2 * R, mask=row_ok, other=0.0)
         dyu1 += tl.load(part + 2 * R + 1, mask=row_ok, other=0.0)
     hd = tl.load(hd_ptr + rows[:, None] * R + i[None, :], mask=ok, other=0.0)
-    tl.store(dw_ptr + rows * 2, scale * (tl.sum(hd * dhw0, axis=1) + dyu0), mask=row_ok)
-    tl.store(dw_ptr + rows * 2 + 1, scale * (tl.sum(hd * dhw1, axis=1) + dyu1), mask=row_ok)
+    dw0 = scale * (tl.sum(hd * dhw0, axis=1) + dyu0)
+    dw1 = scale * (tl.sum(hd * dhw1, axis=1) + dyu1)
+    tl.store(dw_ptr + rows * 2, dw0, mask=row_ok)
+    tl.store(dw_ptr + rows * 2 + 1, dw1, mask=row_ok)
     _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
-                            stride_wr, stride_we, HAS_INDEX)
+                            stride_wr, stride_we, TABLE_ROW)
+    if FUSED_ROUTER:
+        inv_temperature = tl.cast(inv_temperature, tl.float32)
+        mean = w0 * dw0 + w1 * dw1
+        tl.store(dlog_ptr + rows * 2, w0 * (dw0 - mean) * inv_temperature, mask=row_ok)
+        tl.store(dlog_ptr + rows * 2 + 1, w1 * (dw1 - mean) * inv_temperature, mask=row_ok)
     dh = scale * (w0[:, None] * dhw0 + w1[:, None] * dhw1)
     if HAS_DROPOUT:
         dh = dh * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
@@ -333,12 +378,12 @@ def _dh_kernel(
 
 @triton.jit
 def _cols_kernel(
-    dy_ptr, x_ptr, w_ptr, index_ptr, a_w_ptr, hd_ptr, dh_ptr, dx_ptr, part_ptr,
+    dy_ptr, x_ptr, w_ptr, index_ptr, a_w_ptr, r_w_ptr, hd_ptr, dh_ptr, dlog_ptr, dx_ptr, part_ptr,
     row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP, GROUP0, TOTAL,
     stride_gb, stride_gn, stride_gd, stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we,
     scale,
-    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, DOT16: tl.constexpr, PRECISION: tl.constexpr,
+    TABLE_ROW: tl.constexpr, FUSED_ROUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr, K_PAD: tl.constexpr, DOT16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward 3 of 3, grid (column blocks, row groups of the chunk): each program owns
     BLOCK_D columns and BLOCKS_PER_GROUP row blocks. It writes dx = dy + dh A for its tiles
@@ -346,7 +391,9 @@ def _cols_kernel(
     dA = dh^T x, dU = s hw^T dy (grouped entries only), du_e = s sum w_e dy and da = sum dh,
     stored as one row (GROUP0 + its group) of the partials [groups, TOTAL] that
     `_reduce_kernel` sums. Layout of a row: dA [r, d], dU_0 [d, r/g], dU_1 [d, r/g], du_0 [d],
-    du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r).
+    du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r), and with FUSED_ROUTER (each row routed
+    by itself) the router's share from the rows' dz = dlog: dx += dz W_r, dW_r = dz^T x [2, d]
+    and db_r = sum dz [2] (TOTAL + 2 d + 2), in fp32 FMAs on the tiles already loaded.
 
     HBM bytes per chunk: dy again (from L2), x read (Mc d e), dx written (Mc d e); dh, hd from
     L2; partials written (4 TOTAL per group)."""
@@ -359,6 +406,13 @@ def _cols_kernel(
     expert, unit = k // R, k % R
     a = tl.load(a_w_ptr + i[:, None] * D + c[None, :], mask=i_ok[:, None] & c_ok[None, :], other=0.0,
                 eviction_policy="evict_last").to(tl.float32)                       # [R_PAD, BLOCK_D]
+    if FUSED_ROUTER:
+        w_r0 = tl.load(r_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        w_r1 = tl.load(r_w_ptr + D + c, mask=c_ok, other=0.0).to(tl.float32)
+    dw_r0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw_r1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db_r0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db_r1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     if DOT16:
         a = a.to(x_ptr.dtype.element_ty)
     da_acc = tl.zeros([R_PAD, BLOCK_D], dtype=tl.float32)
@@ -378,7 +432,7 @@ def _cols_kernel(
                     mask=tile_ok, other=0.0, eviction_policy="evict_first")
         dh = tl.load(dh_ptr + rows[:, None] * R + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
         _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
-                                stride_wr, stride_we, HAS_INDEX)
+                                stride_wr, stride_we, TABLE_ROW)
         hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
                      other=0.0)
         hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])
@@ -392,6 +446,15 @@ def _cols_kernel(
             dx = dy.to(tl.float32) + tl.dot(dh, a, input_precision=PRECISION)
             da_acc = tl.dot(tl.trans(dh), x.to(tl.float32), da_acc, input_precision=PRECISION)
             du_acc = tl.dot(tl.trans(hw), dy.to(tl.float32), du_acc, input_precision=PRECISION)
+        if FUSED_ROUTER:
+            dz0 = tl.load(dlog_ptr + rows * 2, mask=row_ok, other=0.0)
+            dz1 = tl.load(dlog_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+            dx += dz0[:, None] * w_r0[None, :] + dz1[:, None] * w_r1[None, :]
+            x32 = x.to(tl.float32)
+            dw_r0 += tl.sum(dz0[:, None] * x32, axis=0)
+            dw_r1 += tl.sum(dz1[:, None] * x32, axis=0)
+            db_r0 += dz0
+            db_r1 += dz1
         tl.store(dx_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
         dy32 = dy.to(tl.float32)
         du0_acc += tl.sum(w0[:, None] * dy32, axis=0)
@@ -408,6 +471,13 @@ def _cols_kernel(
     tl.store(biases + D + c, du1_acc * scale, mask=c_ok)
     if tl.program_id(0) == 0:
         tl.store(biases + 2 * D + i, dh_sum, mask=i_ok)
+    if FUSED_ROUTER:
+        d_router = biases + 2 * D + R
+        tl.store(d_router + c, dw_r0, mask=c_ok)
+        tl.store(d_router + D + c, dw_r1, mask=c_ok)
+        if tl.program_id(0) == 0:
+            tl.store(d_router + 2 * D, tl.sum(db_r0, axis=0))
+            tl.store(d_router + 2 * D + 1, tl.sum(db_r1, axis=0))
 
 
 @triton.jit
@@ -416,11 +486,11 @@ def _segment_store(out_ptr, e, start, length, value, ok):
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, da_w_ptr, db_w_ptr, dd_w_ptr, db_b_ptr, dd_b_ptr, da_b_ptr,
-                   GROUPS, TOTAL, R, D, R_GROUP, BLOCK: tl.constexpr):
+def _reduce_kernel(part_ptr, da_w_ptr, db_w_ptr, dd_w_ptr, db_b_ptr, dd_b_ptr, da_b_ptr, dr_w_ptr, dr_b_ptr,
+                   GROUPS, TOTAL, R, D, R_GROUP, HAS_ROUTER: tl.constexpr, BLOCK: tl.constexpr):
     """Sums the partials over the row groups (ascending: deterministic) and writes each
     gradient in its final layout: dA [r, d], dU_0 and dU_1 [d, r/g] (the grouped weights'
-    own layout), du_0, du_1 [d], da [r], all fp32. Element e of a partials row is element e of
+    own layout), du_0, du_1 [d], da [r], with HAS_ROUTER dW_r [2, d] and db_r [2], all fp32. Element e of a partials row is element e of
     their concatenation (see `_cols_kernel`).
 
     HBM bytes: 4 TOTAL (groups + 1)."""
@@ -439,6 +509,10 @@ def _reduce_kernel(part_ptr, da_w_ptr, db_w_ptr, dd_w_ptr, db_b_ptr, dd_b_ptr, d
     _segment_store(db_b_ptr, e, start, D, acc, ok)
     _segment_store(dd_b_ptr, e, start + D, D, acc, ok)
     _segment_store(da_b_ptr, e, start + 2 * D, R, acc, ok)
+    if HAS_ROUTER:
+        start += 2 * D + R
+        _segment_store(dr_w_ptr, e, start, 2 * D, acc, ok)
+        _segment_store(dr_b_ptr, e, start + 2 * D, 2, acc, ok)
 
 
 @triton.jit
@@ -479,9 +553,10 @@ def _precision(dtype: torch.dtype) -> str:
     return {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}[dtype]
 
 
-def _pads(hidden: int) -> tuple[int, int]:
-    """(R_PAD, K_PAD): the hidden axis and the doubled (routed) axis padded for tl.dot (>= 16)."""
-    return max(16, triton.next_power_of_2(hidden)), max(16, triton.next_power_of_2(2 * hidden))
+def _pads(hidden: int, router: bool = False) -> tuple[int, int]:
+    """(R_PAD, K_PAD): the hidden axis (with the router's four units after it, see
+    `_down_kernel`) and the doubled (routed) axis, padded for tl.dot (>= 16)."""
+    return max(16, triton.next_power_of_2(hidden + 4 * router)), max(16, triton.next_power_of_2(2 * hidden))
 
 
 def _slices(dim: int, row_blocks: int, config: dict, programs: int) -> int:
@@ -512,7 +587,7 @@ def _chunks(rows: int, dim: int, element_size: int, config: dict) -> list[tuple[
 
 def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor, b_bias: Tensor,
            d_weight: Tensor, d_bias: Tensor, routing: Tensor, routing_index: Tensor | None,
-           dy: Tensor | None = None) -> tuple[int, int, int, int, int]:
+           dy: Tensor | None = None, router: Router | None = None) -> tuple[int, int, int, int, int]:
     """Kernel preconditions: the kernels index memory from these shapes, so nothing is assumed.
     Returns (B, N, d, r, r/g). The index's range is checked by `lavin_fast.ops.mm_adapter` (a
     device sync); the kernels skip an out-of-range index (weights 0), they never read with it."""
@@ -529,6 +604,8 @@ def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor,
                          f"({hidden}) and dim ({dim}), got {tuple(b_weight.shape)}")
     per_group = b_weight.shape[1]
     table = (batch, 2) if routing_index is None else (routing.shape[0] if routing.dim() == 2 else -1, 2)
+    if router is not None and router.rows is None:
+        table = (batch * tokens, 2)                              # every row routes itself
     expected = dict(x=(x, x.shape), down_weight=(a_weight, a_weight.shape), down_bias=(a_bias, (hidden,)),
                     up_b_weight=(b_weight, b_weight.shape), up_b_bias=(b_bias, (dim,)),
                     up_d_weight=(d_weight, (dim, per_group)), up_d_bias=(d_bias, (dim,)),
@@ -556,6 +633,50 @@ def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor,
     return batch, tokens, dim, hidden, per_group
 
 
+class Router(NamedTuple):
+    """The router computed inside the op: table row t holds softmax((x[rows[t]] W^T + b) / t)
+    for x's flat row rows[t] (m = b N + n); rows None: every row routes itself (the table
+    [M, 2], read at row m, no routing_index). weight [2, d], bias [2]."""
+    weight: Tensor
+    bias: Tensor | None          # None only in the backward, which does not read it
+    temperature: float
+    rows: Tensor | None = None
+
+
+def _table_row(routing_index: Tensor | None, router: Router | None) -> int:
+    """The kernels' TABLE_ROW mode: how row m finds its table row."""
+    if router is not None and router.rows is None:
+        return BY_ROW.value
+    return BY_SAMPLE.value if routing_index is None else BY_INDEX.value
+
+
+def _check_router(router: Router, x: Tensor, routing_index: Tensor | None) -> int:
+    """The router's shapes, dtypes and devices (its rows' values are `ops.check_router_rows`').
+    Returns the routing table's rows T."""
+    op = "mm_adapter kernel"
+    batch, tokens, dim = x.shape
+    for name, tensor, shape in (("router weight", router.weight, (2, dim)), ("router bias", router.bias, (2,))):
+        if tensor is None and name == "router bias":
+            continue
+        if tuple(tensor.shape) != shape or tensor.dtype not in KERNEL_DTYPES or tensor.device != x.device:
+            raise ValueError(f"{op}: {name} must be {shape} of {KERNEL_DTYPES} on {x.device}, got "
+                             f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    if not router.temperature > 0:
+        raise ValueError(f"{op}: router temperature must be > 0, got {router.temperature}")
+    if router.rows is None:
+        if routing_index is not None:
+            raise ValueError(f"{op}: a router without rows routes every row by itself: no routing_index")
+        return batch * tokens
+    rows = router.rows
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or rows.device != x.device:
+        raise ValueError(f"{op}: router rows must be an int32/int64 [T] tensor on {x.device}, got "
+                         f"{rows.dtype} {tuple(rows.shape)} on {rows.device}")
+    if routing_index is None and rows.shape[0] != batch:
+        raise ValueError(f"{op}: without a routing_index the router rows are one per sample, [{batch}], got "
+                         f"{tuple(rows.shape)}")
+    return rows.shape[0]
+
+
 def _index_args(routing: Tensor, routing_index: Tensor | None, x: Tensor) -> tuple[Tensor, int, int]:
     """(index tensor or a stand-in never read, its strides)."""
     if routing_index is None:
@@ -565,101 +686,144 @@ def _index_args(routing: Tensor, routing_index: Tensor | None, x: Tensor) -> tup
 
 def mm_adapter_forward(
     x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
-    up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, scale: float,
-    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, config: dict | None = None,
-) -> tuple[Tensor, Tensor]:
+    up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor | None, routing_index: Tensor | None, scale: float,
+    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, router: Router | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward. x [B, N, d] (any strides); down_weight [r, d]; down_bias [r];
     up_b_weight, up_d_weight [d, r/g] (conv_B, conv_D in their grouped form, the trailing 1
     dropped); up_b_bias, up_d_bias [d]; routing [T, 2] read by row (b, n) at
-    routing_index[b, n] (int [B, N]), or [B, 2] read at b (routing_index None).
-    Returns y [B, N, d] in x's dtype and hd [B, N, r] fp32, the hidden state after dropout.
+    routing_index[b, n] (int [B, N]), or [B, 2] read at b (routing_index None); or routing
+    None and `router` (see `Router`): the table computed here, its logits in `_down_kernel`'s
+    pass over x, its softmax in `_hidden_kernel`.
+    Returns y [B, N, d] in x's dtype, hd [B, N, r] fp32 (the hidden state after dropout) and
+    the routing table used ([T, 2] fp32 with the router, else `routing` itself).
     `config` overrides `BLOCK_CONFIGS` keys (benchmarks sweep them).
 
+    Chunks: a chunk's `_up_kernel` reads table rows computed by its own or an earlier chunk's
+    `_hidden_kernel`, so each table row's source row must come at or before every row reading
+    it (a sample's first token does); checked here when there are several chunks (a sync).
+
     HBM bytes, M = B N, e = x's element size, fp32 weights, S = d slices, G = row groups of
-    `_down_kernel`: x read once (M d e: the second read, in `_up_kernel`, hits L2 by design),
-    y written (M d e), weights once (4 (r d + 2 d r/g + 2 d + r)), partials 8 S M r, hd 4 M r:
-    2 M d e + 8 S M r + 4 M r + ~4 (r + 2 r/g + 2) d.
-    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8): 33,554,432 + 1,048,576 + 65,536
-    + 294,944 = 35.0 MB against the floor 2 M d e = 33.6 MB (+4%).
+    `_down_kernel`, W = r (r + 4 with the router): x read once (M d e: the second read, in
+    `_up_kernel`, hits L2 by design), y written (M d e), weights once (4 (W d + 2 d r/g + 2 d
+    + r)), partials 8 S M W, hd 4 M r, with the router the rows' weights 8 M:
+    2 M d e + 8 S M W + 4 M r + ~4 (W + 2 r/g + 2) d.
+    B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8), router on: 33,554,432 + 1,572,864
+    + 65,536 + 16,384 + 360,480 = 35.6 MB against the floor 2 M d e = 33.6 MB (+6%).
     """
+    if (routing is None) == (router is None) or (router is not None and router.bias is None):
+        raise ValueError("mm_adapter kernel: pass either a routing table or a router (with its bias)")
+    table_rows = routing.shape[0] if router is None else _check_router(router, x, routing_index)
+    table = routing if router is None else empty((table_rows, 2), torch.float32, x.device)
     batch, tokens, dim, hidden, per_group = _check(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight,
-                                                   up_d_bias, routing, routing_index)
+                                                   up_d_bias, table, routing_index, router=router)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"mm_adapter kernel: dropout_p must be in [0, 1), got {dropout_p}")
     rows = batch * tokens
     y = empty(tuple(x.shape), x.dtype, x.device)
     hd = empty((batch, tokens, hidden), torch.float32, x.device)
     if rows == 0:
-        return y, hd
+        return y, hd, table
     cfg = launch_config(x, config)
     programs = cfg["waves"] * _target.sm_count(x.device, cfg["sms"])
-    r_pad, k_pad = _pads(hidden)
+    has_router = router is not None
+    r_pad, k_pad = _pads(hidden, has_router)
     down_weight, down_bias = down_weight.contiguous(), down_bias.contiguous()      # no copy for parameters
     weights = [w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias)]
-    index, stride_ib, stride_in = _index_args(routing, routing_index, x)
+    router_weight, router_bias = (router.weight.contiguous(), router.bias) if has_router else (x, x)  # x: never read
+    # Every row's routing weights: the table itself when each row routes itself, else gathered
+    # into it at the table's source rows after each chunk.
+    row_probs = table if has_router and router.rows is None else (
+        empty((rows, 2), torch.float32, x.device) if has_router else x)
+    index, stride_ib, stride_in = _index_args(table, routing_index, x)
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
     width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
     slices = triton.cdiv(dim, width)
-    part = empty((slices, rows, hidden), torch.float32, x.device)
+    part_width = hidden + 4 * has_router
+    part = empty((slices, rows, part_width), torch.float32, x.device)
     col_blocks = triton.cdiv(dim, cfg["block_d_up"])
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    for row0, row1 in _chunks(rows, dim, x.element_size(), cfg):
+    chunks = _chunks(rows, dim, x.element_size(), cfg)
+    if has_router and router.rows is not None and len(chunks) > 1:
+        check_router_order("mm_adapter kernel", router.rows, routing_index, tokens)
+    for row0, row1 in chunks:
         groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _down_kernel[(slices, groups)](
-            x, down_weight, part, row0, row1, rows, tokens, dim, hidden, per_group_blocks,
+            x, down_weight, router_weight, part, row0, row1, rows, tokens, dim, hidden, part_width, per_group_blocks,
             x.stride(0), x.stride(1), x.stride(2),
-            BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32,
-            PRECISION=_precision(x.dtype), **streaming,
+            HAS_ROUTER=has_router, BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad,
+            DOT16=cfg["dot16"] and x.dtype != torch.float32, PRECISION=_precision(x.dtype), **streaming,
         )
         _hidden_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
-            part, down_bias, hd, row0, row1, rows, hidden, slices, float(dropout_p), seed_t,
-            HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
+            part, down_bias, router_bias, hd, row_probs, row0, row1, rows, hidden, part_width, slices,
+            float(dropout_p), seed_t, 1.0 / router.temperature if has_router else 1.0,
+            HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
         )
+        if has_router and router.rows is not None:
+            # Table rows whose source lies in a later chunk read rows not computed yet: never
+            # read before a later chunk gathers them again (the order checked above).
+            torch.index_select(row_probs, 0, router.rows, out=table)
         up_groups, up_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
         _up_kernel[(col_blocks, up_groups)](
-            x, routing, index, hd, *weights, y,
-            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, routing.shape[0], up_blocks,
-            x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, routing.stride(0), routing.stride(1),
+            x, table, index, hd, *weights, y,
+            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, table_rows, up_blocks,
+            x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, table.stride(0), table.stride(1),
             float(scale),
-            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],
+            TABLE_ROW=_table_row(routing_index, router), BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],
             K_PAD=k_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32, num_warps=cfg["num_warps_up"],
             num_stages=cfg["num_stages"],
         )
-    return y, hd
+    return y, hd, table
 
 
 def mm_adapter_backward(
     dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor, up_d_weight: Tensor,
     up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
-    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, config: dict | None = None,
-) -> tuple[Tensor, ...]:
+    dropout_p: float = 0.0, seed: int | Tensor | None = None, *, router: Router | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor | None, ...]:
     """Launch the backward. dy, x [B, N, d] (any strides); the weights, routing and index as in
-    `mm_adapter_forward`; hd [B, N, r] fp32 from the forward. Returns dx [B, N, d] in x's dtype,
-    then fp32 gradients of routing (the table's shape: each table row gets the sum over the rows
-    that read it), down_weight [r, d], down_bias [r], up_b_weight [d, r/g], up_b_bias [d],
-    up_d_weight [d, r/g], up_d_bias [d].
+    `mm_adapter_forward` (with `router`, routing is the table the forward returned); hd
+    [B, N, r] fp32 from the forward. Returns dx [B, N, d] in x's dtype, then fp32 gradients of
+    routing (the table's shape: each table row gets the sum over the rows that read it),
+    down_weight [r, d], down_bias [r], up_b_weight [d, r/g], up_b_bias [d], up_d_weight
+    [d, r/g], up_d_bias [d], router weight [2, d] and bias [2] (None without a router).
+
+    The router's gradient, through the softmax: dz_t = w_t (dw_t - w_t . dw_t) / temperature
+    per table row t (dw_t its routing gradient), dW_r = dz^T x[rows], db_r = sum_t dz_t and
+    dx[rows] += dz W_r. Each row routing itself (router rows None), all of it rides in the
+    kernels: `_dh_kernel` writes dz per row and `_cols_kernel` adds its share to dx and the
+    partials. With router rows (a table row per sample: few), dz sums over all the rows reading
+    it, so it is complete only after the last chunk: a few torch ops on [T, d] then
+    (`_router_rows_backward`), dx updated in place.
 
     HBM bytes, M = B N, e = element size, S = d slices, G = row groups of `_cols_kernel`
     (about one wave over its d / block_d_cols column blocks): dy read once (the second read hits
     L2 by design), x read, dx written (3 M d e); the partials of dy U (8 S M (2 r + 2)); hd, dh,
     dw (4 M (3 r + 4)); the weight-gradient partials written and summed once
-    (4 (2 G + 1) (r d + 2 d r/g + 2 d + r)); the weights (4 (r + 2 r/g + 2) d):
+    (4 (2 G + 1) (r d + 2 d r/g + 2 d + r), + 2 d + 2 with the per-row router, which also moves
+    dz, 16 M); the weights (4 (r + 2 r/g + 2) d); router rows: ~3 T d e more.
     B=4, N=512, d=4096, r=8, g=2, bf16, sm_90 table (S=8, G=3): 50,331,648 + 2,359,296 + 229,376
-    + 2,064,608 + 294,912 = 55.3 MB against the floor 3 M d e = 50.3 MB (+10%).
+    + 2,064,608 + 294,912 = 55.3 MB against the floor 3 M d e = 50.3 MB (+10%); a router per
+    sample adds ~0.1 MB (T = 4).
     """
     batch, tokens, dim, hidden, per_group = _check(x, down_weight, None, up_b_weight, up_b_bias, up_d_weight,
-                                                   up_d_bias, routing, routing_index, dy=dy)
+                                                   up_d_bias, routing, routing_index, dy=dy, router=router)
+    if router is not None:
+        _check_router(router, x, routing_index)
     if tuple(hd.shape) != (batch, tokens, hidden) or hd.dtype != torch.float32 or not hd.is_contiguous():
         raise ValueError(f"mm_adapter kernel: hd must be a contiguous fp32 [{batch}, {tokens}, {hidden}] "
                          f"(the forward's), got {hd.dtype} {tuple(hd.shape)}")
     rows = batch * tokens
     device = x.device
     dx = empty(tuple(x.shape), x.dtype, device)
-    total = hidden * dim + 2 * dim * per_group + 2 * dim + hidden
+    fused_router = router is not None and router.rows is None
+    total = hidden * dim + 2 * dim * per_group + 2 * dim + hidden + (2 * dim + 2) * fused_router
     if rows == 0:
-        zeros = [g.zero_() for g in _gradient_buffers(hidden, dim, per_group, device)]
+        zeros = [g.zero_() for g in _gradient_buffers(hidden, dim, per_group, device, router is not None)]
         d_routing = torch.zeros(routing.shape, dtype=torch.float32, device=device)
-        return (dx, d_routing, zeros[0], zeros[5], zeros[1], zeros[3], zeros[2], zeros[4])
+        return (dx, d_routing, zeros[0], zeros[5], zeros[1], zeros[3], zeros[2], zeros[4], *_router_grads(zeros))
     cfg = launch_config(x, config)
     sms = _target.sm_count(device, cfg["sms"])
     programs = cfg["waves"] * sms
@@ -668,7 +832,10 @@ def mm_adapter_backward(
     precision = _precision(x.dtype)
     down_weight = down_weight.contiguous()
     b_weight, d_weight, b_bias, d_bias = (w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias))
+    router_weight = router.weight.contiguous() if fused_router else x                   # x: never read
+    inv_temperature = 1.0 / router.temperature if router is not None else 1.0
     index, stride_ib, stride_in = _index_args(routing, routing_index, x)
+    table_row = _table_row(routing_index, router)
     seed_t = _seed_tensor(seed, device) if dropout_p > 0 else x                    # x: never read
     has_dropout = dropout_p > 0
     d_group = dim // (hidden // per_group)
@@ -681,9 +848,9 @@ def mm_adapter_backward(
     part_dhw = empty((slices, rows, 2 * hidden + 2), torch.float32, device)
     dh = empty((rows, hidden), torch.float32, device)
     dw_rows = empty((rows, 2), torch.float32, device)
+    dlog_rows = empty((rows, 2), torch.float32, device) if fused_router else dw_rows   # dw_rows: never read
     part = empty((sum(g for g, _ in col_groups), total), torch.float32, device)
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    routing_args = (routing.shape[0],)
     group0 = 0
     for (row0, row1), (groups, per_group_blocks) in zip(chunks, col_groups):
         slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
@@ -694,36 +861,67 @@ def mm_adapter_backward(
             BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, K_PAD=k_pad, PRECISION=precision, **streaming,
         )
         _dh_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
-            part_dhw, routing, index, hd, dh, dw_rows,
-            row0, row1, rows, tokens, hidden, slices, *routing_args, stride_ib, stride_in,
-            routing.stride(0), routing.stride(1), float(scale), float(dropout_p), seed_t,
-            HAS_INDEX=routing_index is not None, HAS_DROPOUT=has_dropout, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
+            part_dhw, routing, index, hd, dh, dw_rows, dlog_rows,
+            row0, row1, rows, tokens, hidden, slices, routing.shape[0], stride_ib, stride_in,
+            routing.stride(0), routing.stride(1), float(scale), float(dropout_p), seed_t, inv_temperature,
+            TABLE_ROW=table_row, FUSED_ROUTER=fused_router, HAS_DROPOUT=has_dropout, BLOCK_ROWS=cfg["block_rows"],
+            R_PAD=r_pad,
         )
         _cols_kernel[(col_blocks, groups)](
-            dy, x, routing, index, down_weight, hd, dh, dx, part,
-            row0, row1, tokens, dim, hidden, d_group, per_group, *routing_args, per_group_blocks, group0, total,
+            dy, x, routing, index, down_weight, router_weight, hd, dh, dlog_rows, dx, part,
+            row0, row1, tokens, dim, hidden, d_group, per_group, routing.shape[0], per_group_blocks, group0, total,
             dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in,
             routing.stride(0), routing.stride(1), float(scale),
-            HAS_INDEX=routing_index is not None, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
+            TABLE_ROW=table_row, FUSED_ROUTER=fused_router, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
             R_PAD=r_pad, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, num_warps=cfg["num_warps_cols"],
             num_stages=cfg["num_stages"],
         )
         group0 += groups
-    grads = _gradient_buffers(hidden, dim, per_group, device)
+    grads = _gradient_buffers(hidden, dim, per_group, device, fused_router)
     _reduce_kernel[(triton.cdiv(total, cfg["block_reduce"]),)](
-        part, *grads, group0, total, hidden, dim, per_group, BLOCK=cfg["block_reduce"])
-    if routing_index is None:
+        part, *grads[:6], *(grads[6:] if fused_router else (part, part)), group0, total, hidden, dim, per_group,
+        HAS_ROUTER=fused_router, BLOCK=cfg["block_reduce"])
+    if table_row == BY_ROW.value:
+        d_routing = dw_rows
+    elif routing_index is None:
         d_routing = dw_rows.view(batch, tokens, 2).sum(1)
     else:
         d_routing = torch.zeros(routing.shape, dtype=torch.float32, device=device).index_add_(
             0, routing_index.reshape(rows).long(), dw_rows)
-    return (dx, d_routing, grads[0], grads[5], grads[1], grads[3], grads[2], grads[4])
+    if router is not None and not fused_router:
+        grads += _router_rows_backward(x, dx, routing, d_routing, router)
+    return (dx, d_routing, grads[0], grads[5], grads[1], grads[3], grads[2], grads[4], *_router_grads(grads))
 
 
-def _gradient_buffers(hidden: int, dim: int, per_group: int, device: torch.device) -> list[Tensor]:
+def _router_grads(grads: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """The router's (weight, bias) gradients at the end of `grads`, or (None, None)."""
+    return (grads[6], grads[7]) if len(grads) == 8 else (None, None)
+
+
+def _router_rows_backward(x: Tensor, dx: Tensor, table: Tensor, d_table: Tensor, router: Router) -> list[Tensor]:
+    """The router's share of the backward from the table's gradient: dz = w (dw - w . dw) / t
+    per table row, dx[rows] += dz W_r in place, and returns [dW_r = dz^T x[rows], db_r = sum dz]
+    (fp32). Torch ops on [T, d]: x's source rows gathered (never x whole), rows None meaning
+    every row (the native CPU kernels' per-token routing). dx: contiguous, x's shape."""
+    dz = table * (d_table - (table * d_table).sum(-1, keepdim=True)) / router.temperature      # [T, 2]
+    dim = x.shape[-1]
+    if router.rows is None:
+        sources = x.reshape(-1, dim)
+        dx.view(-1, dim).add_((dz @ router.weight.float()).to(dx.dtype))
+    else:
+        flat = router.rows.long()
+        sources = x[flat // x.shape[1], flat % x.shape[1]]                                    # [T, d]
+        dx.view(-1, dim).index_add_(0, flat, (dz @ router.weight.float()).to(dx.dtype))
+    return [dz.T @ sources.float(), dz.sum(0)]
+
+
+def _gradient_buffers(hidden: int, dim: int, per_group: int, device: torch.device,
+                      router: bool = False) -> list[Tensor]:
     """`_reduce_kernel`'s outputs, in its order: d down_weight [r, d], d up_b_weight [d, r/g],
-    d up_d_weight [d, r/g], d up_b_bias [d], d up_d_bias [d], d down_bias [r] (fp32)."""
+    d up_d_weight [d, r/g], d up_b_bias [d], d up_d_bias [d], d down_bias [r], with the router
+    d router weight [2, d] and bias [2] (fp32)."""
     shapes = ((hidden, dim), (dim, per_group), (dim, per_group), (dim,), (dim,), (hidden,))
+    shapes += ((2, dim), (2,)) if router else ()
     return [empty(shape, torch.float32, device) for shape in shapes]
 
 
@@ -745,97 +943,155 @@ def dropout_mask(seed: int | Tensor, batch: int, tokens: int, hidden: int, p: fl
 # ----------------------------------------------------------------------------------------------
 # The op (torch.library): forward, backward, fakes for torch.compile, autograd
 # ----------------------------------------------------------------------------------------------
+# The router travels as three optional tensors and the temperature (a schema takes no tuples):
+# router_weight None means a given routing table.
 
-@torch.library.custom_op("lavin_fast::mm_adapter_fwd", mutates_args=())
-def _fwd_op(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
-            up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, scale: float,
-            dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    return mm_adapter_forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                              routing_index, scale, dropout_p, seed)
+def _router(router_weight: Tensor | None, router_bias: Tensor | None, router_rows: Tensor | None,
+            temperature: float) -> Router | None:
+    return None if router_weight is None else Router(router_weight, router_bias, temperature, router_rows)
+
+
+def _native_index(routing_index: Tensor | None, router: Router | None, x: Tensor) -> Tensor | None:
+    """The native kernels read a given table only: per-token routing is the table [M, 2] read
+    through the index arange(M)."""
+    if router is not None and router.rows is None:
+        return torch.arange(x.shape[0] * x.shape[1], device=x.device).view(x.shape[:2])
+    return routing_index
+
+
+def _forward(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+             up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor | None, routing_index: Tensor | None,
+             scale: float, dropout_p: float, seed: Tensor | None, router_weight: Tensor | None = None,
+             router_bias: Tensor | None = None, router_rows: Tensor | None = None, temperature: float = 1.0
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton kernels (any device; on CPU in the interpreter): (y, hd, the routing table the
+    router computed: [T, 2] fp32, or [0, 2] for a given table, which an op's output may not
+    alias)."""
+    router = _router(router_weight, router_bias, router_rows, temperature)
+    y, hd, table = mm_adapter_forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                                      routing, routing_index, scale, dropout_p, seed, router=router)
+    return y, hd, table if router is not None else x.new_empty((0, 2), dtype=torch.float32)
+
+
+_fwd_op = torch.library.custom_op("lavin_fast::mm_adapter_fwd", _forward, mutates_args=())
 
 
 @_fwd_op.register_kernel("cpu")
 def _fwd_cpu(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
-             scale, dropout_p, seed):
+             scale, dropout_p, seed, router_weight=None, router_bias=None, router_rows=None, temperature=1.0):
     """CPU tensors: the native kernel (csrc/mm_adapter.cpp, its own dropout mask from `seed`),
-    or under LAVIN_FAST_BACKEND=triton the Triton kernels in the interpreter."""
-    if cpu_runs_native():
-        return native.ops().mm_adapter_fwd(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
-                                           routing, routing_index, scale, dropout_p, seed)
-    return mm_adapter_forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                              routing_index, scale, dropout_p, seed)
+    or under LAVIN_FAST_BACKEND=triton the Triton kernels in the interpreter. The native code
+    takes a given table only, so there the router runs in torch around it (`reference.route_rows`:
+    its [T, d] source rows gathered, x whole for per-token routing; a CPU copy at most)."""
+    router = _router(router_weight, router_bias, router_rows, temperature)
+    if not cpu_runs_native():
+        return _forward(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                        routing_index, scale, dropout_p, seed, router_weight, router_bias, router_rows, temperature)
+    if router is not None:
+        routing = reference.route_rows(x, router.weight, router.bias, temperature, router_rows).float()
+    y, hd = native.ops().mm_adapter_fwd(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                                        routing, _native_index(routing_index, router, x), scale, dropout_p, seed)
+    return y, hd, routing if router is not None else x.new_empty((0, 2), dtype=torch.float32)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
-              scale, dropout_p, seed):
+              scale, dropout_p, seed, router_weight=None, router_bias=None, router_rows=None, temperature=1.0):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, x.new_empty((*x.shape[:2], down_weight.shape[0]), dtype=torch.float32)
+    table_rows = 0 if router_weight is None else (
+        x.shape[0] * x.shape[1] if router_rows is None else router_rows.shape[0])
+    return (y, x.new_empty((*x.shape[:2], down_weight.shape[0]), dtype=torch.float32),
+            x.new_empty((table_rows, 2), dtype=torch.float32))
 
 
-@torch.library.custom_op("lavin_fast::mm_adapter_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor, up_d_weight: Tensor,
-            up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None, hd: Tensor, scale: float,
-            dropout_p: float, seed: Tensor | None
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                               routing_index, hd, scale, dropout_p, seed)
+def _backward_kernels(dy: Tensor, x: Tensor, down_weight: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
+                      up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None,
+                      hd: Tensor, scale: float, dropout_p: float, seed: Tensor | None, router_weight: Tensor | None = None,
+                      router_rows: Tensor | None = None, temperature: float = 1.0) -> list[Tensor]:
+    """The Triton kernels: dx, d routing, the six weight gradients, and with the router its
+    weight's and bias's (`mm_adapter_backward`'s order); `routing` is the table the forward used."""
+    router = _router(router_weight, None, router_rows, temperature)         # the bias is not read
+    grads = mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                                routing_index, hd, scale, dropout_p, seed, router=router)
+    return [g for g in grads if g is not None]
+
+
+_bwd_op = torch.library.custom_op("lavin_fast::mm_adapter_bwd", _backward_kernels, mutates_args=())
 
 
 @_bwd_op.register_kernel("cpu")
 def _bwd_cpu(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, scale,
-             dropout_p, seed):
-    if cpu_runs_native():
-        return tuple(native.ops().mm_adapter_bwd(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
-                                                 routing, routing_index, hd, scale, dropout_p, seed))
-    return mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                               routing_index, hd, scale, dropout_p, seed)
+             dropout_p, seed, router_weight=None, router_rows=None, temperature=1.0):
+    if not cpu_runs_native():
+        return _backward_kernels(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                                 routing_index, hd, scale, dropout_p, seed, router_weight, router_rows, temperature)
+    router = _router(router_weight, None, router_rows, temperature)
+    grads = list(native.ops().mm_adapter_bwd(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                                             routing, _native_index(routing_index, router, x), hd, scale, dropout_p,
+                                             seed))
+    if router is not None:   # the router's share in torch (see _fwd_cpu), dx updated in place
+        grads += _router_rows_backward(x, grads[0], routing, grads[1], router)
+    return grads
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd,
-              scale, dropout_p, seed):
+              scale, dropout_p, seed, router_weight=None, router_rows=None, temperature=1.0):
     f32 = functools.partial(x.new_empty, dtype=torch.float32)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), f32(routing.shape),
+    router = [f32(router_weight.shape), f32((2,))] if router_weight is not None else []
+    return [torch.empty_like(x, memory_format=torch.contiguous_format), f32(routing.shape),
             f32(down_weight.shape), f32(down_weight.shape[:1]), f32(up_b_weight.shape), f32(up_b_bias.shape),
-            f32(up_d_weight.shape), f32(up_d_bias.shape))
+            f32(up_d_weight.shape), f32(up_d_bias.shape), *router]
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
-     scale, dropout_p, seed) = inputs
-    _, hd = output
-    ctx.save_for_backward(x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                          routing_index, hd, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.dtypes = [t.dtype for t in (routing, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias)]
-    ctx.mark_non_differentiable(hd)
+     scale, dropout_p, seed, router_weight, router_bias, router_rows, temperature) = inputs
+    _, hd, table = output
+    has_router = router_weight is not None
+    ctx.save_for_backward(x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias,
+                          table if has_router else routing, routing_index, hd, seed, router_weight, router_rows)
+    ctx.scale, ctx.dropout_p, ctx.temperature, ctx.has_router = scale, dropout_p, temperature, has_router
+    ctx.dtypes = [t.dtype for t in (down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias)]
+    ctx.routing_dtypes = ([router_weight.dtype, router_bias.dtype] if has_router else [routing.dtype])
+    ctx.mark_non_differentiable(hd, table)
 
 
-def _backward(ctx, dy: Tensor, _dhd: Tensor):
-    x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, seed = ctx.saved_tensors
-    dx, d_routing, *d_weights = _bwd_op(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                                        routing_index, hd, ctx.scale, ctx.dropout_p, seed)
-    d_routing, *d_weights = [g.to(dtype) for g, dtype in zip((d_routing, *d_weights), ctx.dtypes)]
-    return (dx, *d_weights, d_routing, None, None, None, None)
+def _backward(ctx, dy: Tensor, _dhd: Tensor, _dtable: Tensor):
+    (x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, seed,
+     router_weight, router_rows) = ctx.saved_tensors
+    dx, d_routing, *rest = _bwd_op(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                                   routing_index, hd, ctx.scale, ctx.dropout_p, seed, router_weight, router_rows,
+                                   ctx.temperature)
+    d_weights = [g.to(dtype) for g, dtype in zip(rest[:6], ctx.dtypes)]
+    if ctx.has_router:
+        d_router = [g.to(dtype) for g, dtype in zip(rest[6:], ctx.routing_dtypes)]
+        return (dx, *d_weights, None, None, None, None, None, *d_router, None, None)
+    return (dx, *d_weights, d_routing.to(ctx.routing_dtypes[0]), None, None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mm_adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor, up_b_weight: Tensor, up_b_bias: Tensor,
-               up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor, routing_index: Tensor | None = None,
-               scale: float = 1.0, dropout_p: float = 0.0, seed: int | Tensor | None = None) -> Tensor:
-    """The fused MM-Adapter, differentiable in x, every weight and bias, and the routing table.
+               up_d_weight: Tensor, up_d_bias: Tensor, routing: Tensor | None, routing_index: Tensor | None = None,
+               scale: float = 1.0, dropout_p: float = 0.0, seed: int | Tensor | None = None, *,
+               router: Router | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused MM-Adapter, differentiable in x, every weight and bias, and the routing table
+    or the router.
 
     x [B, N, d] fp32/fp16/bf16; down_weight [r, d]; down_bias [r]; up_b_weight, up_d_weight
     [d, r/g] (grouped); up_b_bias, up_d_bias [d]; routing [T, 2] with routing_index int [B, N]
-    in [0, T), or routing [B, 2] and routing_index None; dropout on h with probability
-    dropout_p, mask from `seed` (see `dropout_mask`; an int, or a one-element integer tensor,
-    e.g. drawn with `torch.randint` on x's device, which keeps `torch.compile` graphs whole).
-    Returns y [B, N, d] in x's dtype.
+    in [0, T), or routing [B, 2] and routing_index None; or routing None and `router` (see
+    `Router`; its rows' order is `lavin_fast.ops.check_router_rows`'); dropout on h with
+    probability dropout_p, mask from `seed` (see `dropout_mask`; an int, or a one-element
+    integer tensor, e.g. drawn with `torch.randint` on x's device, which keeps `torch.compile`
+    graphs whole). Returns y [B, N, d] in x's dtype; with the router (y, the table it computed
+    [T, 2] fp32, detached).
     """
-    y, _ = _fwd_op(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
-                   routing_index, float(scale), float(dropout_p),
-                   _seed_tensor(seed, x.device) if dropout_p > 0 else None)
-    return y
+    weight, bias, temperature, rows = router if router is not None else (None, None, 1.0, None)
+    y, _, table = _fwd_op(x, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
+                          routing_index, float(scale), float(dropout_p),
+                          _seed_tensor(seed, x.device) if dropout_p > 0 else None, weight, bias, rows,
+                          float(temperature))
+    return (y, table) if router is not None else y

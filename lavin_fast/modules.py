@@ -5,6 +5,7 @@ reference `adapter_proj` (activation="silu"). Both pick their backend through `l
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,7 +23,8 @@ ROUTING_MODES = ("cls", "token", "batch0")
 class MMAdapter(nn.Module):
     """Mixture-of-Modality adapter: a shared down-projection, two routed up-projections.
 
-        w = softmax(expert_weights(x[:, 0]) / temperature)          (unless `weights` is given)
+        w = softmax(expert_weights(x[:, 0]) / temperature)          (unless `weights` is given;
+                                                                      computed inside the op)
         y = x + scale * (w_0 * conv_B(h) + w_1 * conv_D(h)),  h = dropout(conv_A(x))
 
     `routing` ("cls", the default, as above; "token" or "batch0", see `ROUTING_MODES`) says
@@ -81,25 +83,31 @@ class MMAdapter(nn.Module):
         """Routing weights [B, 2] (float32) from the first token x0 [B, dim]."""
         return reference.route(x0, self.expert_weights.weight, self.expert_weights.bias, self.temperature)
 
-    def routing_weights(self, x: Tensor, first: Tensor | None = None) -> Tensor:
-        """The router's weights for x [B, N, dim] in this adapter's mode: [B, 2] ("cls") or
-        [B, N, 2] ("token", "batch0"); with `first` (packed rows, "cls" only) [S, 2], one pair
-        per sample, routed by its first token x.flatten(0, 1)[first]."""
+    def router_layout(self, x: Tensor, first: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(router_rows, routing_index) of `ops.mm_adapter`'s router for x [B, N, dim] in this
+        adapter's mode: "cls" the table [B, 2] routed by each sample's row b * N; "token" every
+        row by itself (None, None); "batch0" the table [N, 2] of sample 0's rows, row (b, n)
+        reading its row n; with `first` (packed rows, "cls" only) the table [S, 2] routed by each
+        sample's first token, `routing_index` (the caller's) saying which sample a row holds."""
+        batch, tokens = x.shape[:2]
         if first is not None:
-            return self.route(x.flatten(0, 1)[first])
+            return first, None
         if self.routing == "cls":
-            return self.route(x[:, 0])
+            return torch.arange(batch, device=x.device) * tokens, None
         if self.routing == "token":
-            return self.route(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return self.route(x[0]).expand(*x.shape[:2], 2)          # "batch0": sample 0's tokens
+            return None, None
+        positions = torch.arange(tokens, device=x.device)
+        return positions, positions.expand(batch, tokens)
 
     def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None, *,
                 first: Tensor | None = None) -> Tensor:
         """x: [B, N, dim] -> [B, N, dim]. `weights` [B, 2] (per sample) or [B, N, 2] (per token)
         overrides the router (and gets a gradient); with `routing_index` (int [B, N]) `weights`
         is a table [T, 2] of which row (b, n) reads weights[routing_index[b, n]] (see
-        `ops.mm_adapter`). The weights used are kept, detached, in `self.last_routing` (None
-        when N = 0 and nothing was routed: the output is then empty).
+        `ops.mm_adapter`). Without `weights` the op's own router computes them (in the kernels'
+        pass over x). The weights used are kept, detached, in `self.last_routing` ([B, 2] for
+        "cls", [B, N, 2] for "token" and "batch0", [S, 2] with `first`; None when N = 0 and
+        nothing was routed: the output is then empty).
 
         Packed rows (several samples in a row; "cls" routing): `first` [S] holds the flat index
         (b * N + n) of each sample's first token, which the router reads, giving the table
@@ -112,11 +120,24 @@ class MMAdapter(nn.Module):
                              "and needs routing='cls'")
         if routing_index is not None and weights is None and first is None:
             raise ValueError("MMAdapter: routing_index needs weights (the routing table it indexes) or first")
+        adapter = functools.partial(
+            ops.mm_adapter, x, self.conv_A.weight, self.conv_A.bias, self.conv_B.weight, self.conv_B.bias,
+            self.conv_D.weight, self.conv_D.bias, groups=self.groups, scale=self.scale,
+            dropout=self.dropout if self.training else 0.0)
         if weights is None:
             if x.shape[1] == 0:   # no first token to route on, and no token to adapt
                 self.last_routing = None
                 return x.clone()
-            weights = self.routing_weights(x, first)
+            router_rows, index = self.router_layout(x, first)
+            y, table = adapter(routing_index=routing_index if first is not None else index,
+                               router_weight=self.expert_weights.weight, router_bias=self.expert_weights.bias,
+                               temperature=self.temperature, router_rows=router_rows)
+            if self.routing == "token":          # a table row per row
+                table = table.view(*x.shape[:2], 2)
+            elif self.routing == "batch0":       # a table row per position, sample 0's
+                table = table.expand(*x.shape[:2], 2)
+            self.last_routing = table
+            return y
         self.last_routing = weights.detach()
         if weights.dim() == 3:
             if routing_index is not None or weights.shape != (*x.shape[:2], 2):
@@ -125,17 +146,7 @@ class MMAdapter(nn.Module):
             # Per-token routing is a table with one row per token, each token reading its own.
             routing_index = torch.arange(weights.shape[0] * weights.shape[1], device=x.device).view(x.shape[:2])
             weights = weights.reshape(-1, 2)
-        return ops.mm_adapter(
-            x,
-            self.conv_A.weight, self.conv_A.bias,
-            self.conv_B.weight, self.conv_B.bias,
-            self.conv_D.weight, self.conv_D.bias,
-            weights,
-            routing_index=routing_index,
-            groups=self.groups,
-            scale=self.scale,
-            dropout=self.dropout if self.training else 0.0,
-        )
+        return adapter(weights, routing_index=routing_index)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, groups={self.groups}, "

@@ -35,6 +35,18 @@ def route(x0: Tensor, weight: Tensor, bias: Tensor, temperature: float) -> Tenso
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def route_rows(x: Tensor, weight: Tensor, bias: Tensor, temperature: float, rows: Tensor | None = None) -> Tensor:
+    """The routing table of the op's router: row t routed by x's flat row rows[t] (m = b N + n).
+
+    x: [B, N, d]; rows: integer [T] (None: every row, T = B N). Returns `route` of those rows,
+    [T, E]: only the T source rows are gathered, never a copy of x (unless rows is None and x
+    is not contiguous)."""
+    if rows is None:
+        return route(x.reshape(-1, x.shape[-1]), weight, bias, temperature)
+    rows = rows.long()
+    return route(x[rows // x.shape[1], rows % x.shape[1]], weight, bias, temperature)
+
+
 def mm_adapter(
     x: Tensor,
     routing: Tensor,

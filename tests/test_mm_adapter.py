@@ -204,9 +204,9 @@ def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidde
     config = dict(block_m=block_m, block_slice=block_slice, block_m_up=block_m_up, block_d_up=block_d_up,
                   block_m_cols=block_m_cols, block_d_cols=block_d_cols, block_rows=block_rows,
                   chunk_bytes=chunk_bytes, waves=waves)
-    y, hd = kernel.mm_adapter_forward(*params.values(), routing_index, scale, p, seed, config=config)
+    y, hd, _ = kernel.mm_adapter_forward(*params.values(), routing_index, scale, p, seed, config=config)
     x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
-    dx, d_routing, *d_weights = kernel.mm_adapter_backward(
+    dx, d_routing, *d_weights, _, _ = kernel.mm_adapter_backward(
         dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index, hd, scale, p,
         seed, config=config)
     grads = dict(zip(PARAM_NAMES, (dx, *d_weights, d_routing)))
@@ -394,8 +394,10 @@ def test_module_and_functional_match_the_conv_reference(config, batch, tokens, r
     for name in sorted(expected):
         assert_close_to_oracle(f"d {name}", grads[name], grads64[name], grads_base[name], ulps=ulps(name),
                                magnitude=magnitude[name])
-    if not functional:
-        assert torch.equal(module.last_routing, module.route(x[:, 0]) if router else weights)
+    if not functional and router:    # the op's router: the weights it used, to fp32 rounding
+        torch.testing.assert_close(module.last_routing, module.route(x[:, 0]), rtol=1e-5, atol=1e-6)
+    elif not functional:
+        assert torch.equal(module.last_routing, weights)
 
 
 def test_torch_backend_is_the_reference_and_matches_the_conv_oracle():
@@ -463,7 +465,7 @@ def test_identity_at_init_and_last_routing(name):
     x = torch.randn(3, 7, 130, device=DEVICE)
     with backend(name):
         assert torch.equal(module(x), x)
-        assert torch.equal(module.last_routing, module.route(x[:, 0]))
+        torch.testing.assert_close(module.last_routing, module.route(x[:, 0]), rtol=1e-5, atol=1e-6)
         assert not module.last_routing.requires_grad
         weights = torch.tensor([[0.2, 0.8], [1.0, 0.0], [0.5, 0.5]], device=DEVICE, requires_grad=True)
         module(x, weights)
@@ -496,7 +498,7 @@ def test_outputs_start_poisoned_so_unwritten_elements_fail():
     assert os.environ.get("LAVIN_FAST_POISON") == "1"
     assert torch.isnan(empty((4, 3), torch.float32, torch.device(DEVICE))).all()
     params, routing_index, dy = make_problem(3, 17, 1000, 8, torch.float32, seed=2, index="arbitrary")  # ragged
-    y, hd = kernel.mm_adapter_forward(*params.values(), routing_index, 1.0, 0.1, 9)
+    y, hd, _ = kernel.mm_adapter_forward(*params.values(), routing_index, 1.0, 0.1, 9)
     x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
     outputs = kernel.mm_adapter_backward(dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
                                          routing_index, hd, 1.0, 0.1, 9)
@@ -513,7 +515,7 @@ def test_op_registration_passes_opcheck(index):
     torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, routing_index, 1.3, 0.2, seed))
     torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default, (*leaves, routing_index, 1.3, 0.0, None))
     x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
-    _, hd = kernel.mm_adapter_forward(*params.values(), routing_index, 1.3, 0.2, seed)
+    _, hd, _ = kernel.mm_adapter_forward(*params.values(), routing_index, 1.3, 0.2, seed)
     torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
                           (dy, x, down_weight, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing, routing_index,
                            hd, 1.3, 0.2, seed))
@@ -632,7 +634,7 @@ def test_kernel_host_functions_check_their_preconditions():
         kernel.mm_adapter_forward(*params.values(), None, 1.0, -0.1)
     with pytest.raises(ValueError, match=r"routing_index must be an int32/int64 \[2, 3\]"):
         kernel.mm_adapter_forward(*params.values(), torch.zeros(2, 3), 1.0)
-    _, hd = kernel.mm_adapter_forward(*params.values(), None, 1.0)
+    _, hd, _ = kernel.mm_adapter_forward(*params.values(), None, 1.0)
     with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 20\)"):
         kernel.mm_adapter_backward(dy[:1], x, down_weight, *weights[2:], up_d_weight, up_d_bias, routing, None, hd, 1.0)
     with pytest.raises(ValueError, match="hd must be a contiguous fp32"):
@@ -685,11 +687,11 @@ def test_module_passes_a_routing_table_and_index_through():
     routing_index, table = make_index("arbitrary", 2, 5, torch.Generator().manual_seed(2))
     routing = torch.softmax(torch.randn(table, 2, device=DEVICE), -1)
     with backend("triton"):
-        y = module(x, routing, routing_index)
+        y = module(x, routing, routing_index=routing_index)
         expected = mm_adapter(x, module.conv_A.weight, module.conv_A.bias, module.conv_B.weight, module.conv_B.bias,
                               module.conv_D.weight, module.conv_D.bias, routing, routing_index=routing_index)
         with pytest.raises(ValueError, match="routing_index needs weights"):
-            module(x, None, routing_index)
+            module(x, None, routing_index=routing_index)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     assert torch.equal(module.last_routing, routing)
 
@@ -717,3 +719,244 @@ def test_autocast_runs_the_op_in_the_autocast_dtype(backend_name, dtype):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(dx, x_cast.grad.float(), rtol=0, atol=0)
     torch.testing.assert_close(d_weight, module.conv_B.weight.grad, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The op's own router (router_weight, router_bias, temperature, router_rows)
+# ----------------------------------------------------------------------------------------------
+
+ROUTER_NAMES = ("x", "conv_A_weight", "conv_A_bias", "conv_B_weight", "conv_B_bias", "conv_D_weight", "conv_D_bias",
+                "router_weight", "router_bias")
+
+
+def router_layout(kind, batch, tokens):
+    """(router_rows, routing_index) of a routing mode, as `MMAdapter` and the LLaMA pass them:
+    every row by itself, each sample by its row b * N, packed rows (samples of lengths 1..N in
+    each row) by their first tokens, and the reference's batch0 (sample 0's rows, row (b, n)
+    reading its row n)."""
+    if kind == "per_token":
+        return None, None
+    if kind == "per_sample":
+        return torch.arange(batch, device=DEVICE) * tokens, None
+    if kind == "batch0":
+        positions = torch.arange(tokens, device=DEVICE)
+        return positions, positions.expand(batch, tokens)
+    first, sample_of = [], []
+    for row in range(batch):                       # packed: samples of lengths 1, 2, 3, .. filling the row
+        n, length = 0, 1
+        while n < tokens:
+            span = min(length, tokens - n)
+            first.append(row * tokens + n)
+            sample_of += [len(first) - 1] * span
+            n, length = n + span, length + 1
+    return torch.tensor(first, device=DEVICE), torch.tensor(sample_of, device=DEVICE).view(batch, tokens)
+
+
+def router_problem(batch, tokens, dim, hidden, dtype, seed, groups=2):
+    """Inputs in the op's (conv) shapes: x and dy in `dtype`, the parameters fp32, non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(DEVICE)
+
+    per_group = hidden // groups
+    params = dict(
+        x=randn(batch, tokens, dim).to(dtype),
+        conv_A_weight=randn(hidden, dim, 1, std=dim ** -0.5), conv_A_bias=randn(hidden, std=0.5),
+        conv_B_weight=randn(dim, per_group, 1, std=per_group ** -0.5), conv_B_bias=randn(dim, std=0.5),
+        conv_D_weight=randn(dim, per_group, 1, std=per_group ** -0.5), conv_D_bias=randn(dim, std=0.5),
+        router_weight=randn(2, dim, std=2 * dim ** -0.5), router_bias=randn(2),
+    )
+    return params, randn(batch, tokens, dim).to(dtype)
+
+
+def restated_router_run(params, rows, index, dy, temperature, scale, groups, dtype=None):
+    """The routed adapter with its router written out here (gather the source rows, logits,
+    softmax, each row's table row), forward + backward: dtype=float64 for the oracle, None for
+    the baseline (the inputs' own dtypes, the router in fp32 as `reference.route`). Returns
+    (y, grads, the routing table, its gradient, the logits' gradient dz, the source rows x[rows])."""
+    leaves = {k: (v.to(dtype) if dtype else v).detach().requires_grad_() for k, v in params.items()}
+    x = leaves["x"]
+    batch, tokens, dim = x.shape
+    flat = torch.arange(batch * tokens, device=DEVICE) if rows is None else rows.long()
+    sources = x.reshape(-1, dim)[flat]
+    router_dtype = torch.promote_types(x.dtype, torch.float32)
+    logits = sources.to(router_dtype) @ leaves["router_weight"].to(router_dtype).T + leaves["router_bias"].to(router_dtype)
+    logits.retain_grad()
+    table = torch.softmax(logits / temperature, dim=-1)
+    table.retain_grad()
+    reads = (flat if rows is None else (index.reshape(-1) if index is not None
+                                        else torch.arange(batch, device=DEVICE).repeat_interleave(tokens)))
+    w = table.to(x.dtype)[reads].view(batch, tokens, 2)
+    h = torch.nn.functional.conv1d(x.transpose(1, 2), leaves["conv_A_weight"].to(x.dtype), leaves["conv_A_bias"].to(x.dtype))
+    up = [torch.nn.functional.conv1d(h, leaves[f"conv_{e}_weight"].to(x.dtype), leaves[f"conv_{e}_bias"].to(x.dtype),
+                                     groups=groups).transpose(1, 2) for e in ("B", "D")]
+    y = x + scale * (w[..., :1] * up[0] + w[..., 1:] * up[1])
+    y.backward(dy.to(dtype) if dtype else dy)
+    return y, {k: v.grad for k, v in leaves.items()}, table.detach(), table.grad, logits.grad, sources.detach()
+
+
+def op_router_run(params, rows, index, dy, temperature, scale, groups):
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    y, table = mm_adapter(**leaves, routing_index=index, temperature=temperature, router_rows=rows, groups=groups,
+                          scale=scale)
+    y.backward(dy)
+    return y, {k: v.grad for k, v in leaves.items()}, table
+
+
+def assert_router_matches_the_restatement(params, rows, index, dy, temperature, scale, groups, y, grads, table):
+    y64, grads64, table64, _, dz64, sources64 = restated_router_run(params, rows, index, dy, temperature, scale,
+                                                                    groups, torch.float64)
+    y_base, grads_base, table_base, _, _, _ = restated_router_run(params, rows, index, dy, temperature, scale, groups)
+    absolute = {k: v.abs() for k, v in params.items()}
+    y_abs, grads_abs, _, d_table_abs, _, sources_abs = restated_router_run(absolute, rows, index, dy.abs(),
+                                                                           temperature, scale, groups, torch.float64)
+    # The router's gradients dz^T x[rows] and sum dz, dz = w (dw - w . dw) / t per table row,
+    # round relative to the larger of: the terms of the routing gradient dw (fp32 sums, from the
+    # absolute run; dz's terms are at most 2 w |dw| / t), and dz itself in x's dtype's steps (dw
+    # comes from products in x's dtype). A two-element db_r of opposite signs otherwise leaves
+    # PyTorch's error a lucky draw.
+    in_x_steps = torch.finfo(params["x"].dtype).eps / torch.finfo(torch.float32).eps
+    dz_terms = torch.maximum(2 * table64 * d_table_abs / temperature, in_x_steps * dz64.abs())          # [T, 2]
+    sizes = dict(router_weight=(dz_terms.T @ sources_abs).max().item(), router_bias=dz_terms.sum(0).max().item())
+    assert y.dtype == params["x"].dtype
+    assert_close_to_oracle("y", y, y64, y_base, magnitude=y_abs.max().item())
+    assert_close_to_oracle("routing table", table, table64, table_base, magnitude=1.0)
+    magnitude = {k: v.max().item() for k, v in grads_abs.items()}
+    magnitude.update(sizes)
+    magnitude["x"] = max(magnitude["x"], grads64["x"].abs().max().item())        # plus the router's share
+    for name in ROUTER_NAMES:
+        assert grads[name].dtype == params[name].dtype, name
+        assert_close_to_oracle(f"d {name}", grads[name], grads64[name], grads_base[name], ulps=ulps(name),
+                               magnitude=magnitude[name])
+
+
+def on_backend(name):
+    if name == "native" and not native.available():
+        pytest.skip("the native CPU kernels are not built here")
+    if name == "native" and DEVICE != "cpu":
+        pytest.skip("the native kernels run CPU tensors")
+    return backend(name)
+
+
+# (B, N, d, r, groups): odd d, N = 1, and d = 1000 with 37 tokens, which the interpreter's table
+# splits into 3 chunks of rows (a table row's readers in a later chunk than its source).
+ROUTER_SHAPES = [(2, 5, 40, 8, 2), (3, 1, 33, 8, 1), (2, 37, 1000, 12, 2)]
+
+
+@pytest.mark.parametrize("shape", ROUTER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["per_token", "per_sample", "packed", "batch0"])
+@pytest.mark.parametrize("backend_name", ["triton", "native", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_router_forward_and_every_gradient_match_the_reference(shape, kind, backend_name, dtype):
+    """The op's router against a float64 restatement: y, the table it returns, and the
+    gradients of x, every adapter weight and the router's weight and bias."""
+    if backend_name == "torch" and dtype != torch.float32:
+        pytest.skip("the torch backend in 16 bits is PyTorch's own run, the baseline (float64: the next test)")
+    batch, tokens, dim, hidden, groups = shape
+    params, dy = router_problem(batch, tokens, dim, hidden, dtype, seed=sum(shape) + len(kind), groups=groups)
+    rows, index = router_layout(kind, batch, tokens)
+    with on_backend(backend_name):
+        y, grads, table = op_router_run(params, rows, index, dy, 3.0, 0.7, groups)
+    assert not table.requires_grad
+    assert_router_matches_the_restatement(params, rows, index, dy, 3.0, 0.7, groups, y, grads, table)
+
+
+@pytest.mark.parametrize("kind", ["per_token", "per_sample", "packed", "batch0"])
+def test_torch_backend_router_is_the_float64_restatement(kind):
+    params, dy = router_problem(2, 6, 40, 8, torch.float64, seed=9)
+    params = {k: v.double() for k, v in params.items()}
+    rows, index = router_layout(kind, 2, 6)
+    with backend("torch"):
+        y, grads, table = op_router_run(params, rows, index, dy, 2.5, 1.3, 2)
+    y64, grads64, table64, _, _, _ = restated_router_run(params, rows, index, dy, 2.5, 1.3, 2, torch.float64)
+    torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(table, table64, rtol=1e-12, atol=1e-12)
+    for name in ROUTER_NAMES:
+        torch.testing.assert_close(grads[name], grads64[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_router_equals_the_table_it_returns_passed_back_in():
+    """The router's y is the op fed its own table (per token, through an arange index)."""
+    params, _ = router_problem(2, 9, 64, 8, torch.float32, seed=5)
+    with backend("triton"):
+        y, table = mm_adapter(**params, temperature=2.0)
+        router_free = {k: v for k, v in params.items() if not k.startswith("router")}
+        again = mm_adapter(**router_free, routing=table,
+                           routing_index=torch.arange(18, device=DEVICE).view(2, 9))
+    torch.testing.assert_close(y, again, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "native", "torch"])
+@pytest.mark.parametrize("overrides, match", [
+    (dict(router_rows=torch.tensor([0, 6])), r"router_rows values must be flat rows of x in \[0, 6\).*\[0, 6\]"),
+    (dict(router_rows=torch.tensor([-1, 3])), r"router_rows values must be flat rows.*got values in \[-1, 3\]"),
+    (dict(router_rows=torch.tensor([0.0, 3.0])), "router_rows must be int32 or int64, got torch.float32"),
+    (dict(router_rows=torch.tensor([[0, 3]])), r"router_rows must be a non-empty \[table rows\] vector"),
+    (dict(router_rows=torch.tensor([0, 3, 4])), r"router_rows \(one per sample without a routing_index\) must have"),
+    (dict(router_rows=torch.tensor([1, 3])), r"row 0 of x reads a table row whose source row 1 comes after it"),
+    (dict(router_rows=torch.tensor([0, 4]), routing_index=torch.tensor([[0, 0, 0], [1, 1, 1]])),
+     r"row 3 of x reads a table row whose source row 4 comes after it"),
+    (dict(router_rows=torch.tensor([0, 3], device="meta")), "router_rows is on meta but x is on cpu"),
+    (dict(routing_index=torch.zeros(2, 3, dtype=torch.int64)), "router_rows=None routes every row by itself"),
+    (dict(routing=torch.full((2, 2), 0.5)), "pass either routing .* or router_weight"),
+    (dict(router_bias=None), "router_weight needs router_bias and temperature"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(router_weight=torch.randn(3, 8)), r"router_weight must have shape \(2, 8\)"),
+    (dict(router_weight=None, routing=torch.full((2, 2), 0.5)),
+     "router_bias, router_rows and temperature belong to the router"),
+])
+def test_functional_rejects_a_bad_router(backend_name, overrides, match):
+    args = dict(functional_args(), router_weight=torch.randn(2, 8), router_bias=torch.randn(2), temperature=1.0)
+    del args["routing"]
+    args.update(overrides)
+    with backend(backend_name), pytest.raises(ValueError, match=match):
+        mm_adapter(**args)
+
+
+@pytest.mark.parametrize("routing", ["cls", "token", "batch0", "packed"])
+def test_module_routes_every_mode_inside_the_op(routing):
+    """MMAdapter's router runs in the op for every mode (no separate router pass: the kernel
+    path never calls `reference.route`), with the module's own float64 torch-backend run as the
+    oracle for y, last_routing and every parameter's gradient."""
+    torch.manual_seed(6)
+    module = randomized(MMAdapter(40, hidden_dim=8, groups=2, temperature=4.0,
+                                  routing="cls" if routing == "packed" else routing)).to(DEVICE).eval()
+    x, dy = torch.randn(3, 7, 40, device=DEVICE), torch.randn(3, 7, 40, device=DEVICE)
+    rows, index = router_layout(routing, 3, 7)
+    packed = dict(first=rows, routing_index=index) if routing == "packed" else {}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the router ran outside the op")
+
+    with backend("triton"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "route", refuse)
+        y, grads = module_run(module, x, dy, None, lambda m, x, w: m(x, **packed))
+        used = module.last_routing
+    oracle = copy.deepcopy(module).double()
+    with backend("torch"):
+        y64, grads64 = module_run(oracle, x.double(), dy.double(), None, lambda m, x, w: m(x, **packed))
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(used.double(), oracle.last_routing, rtol=1e-5, atol=1e-6)
+    assert used.shape == {"cls": (3, 2), "token": (3, 7, 2), "batch0": (3, 7, 2), "packed": (rows.numel(), 2)}[routing]
+    assert set(grads) == set(grads64) and "expert_weights.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name].double(), grads64[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["per_token", "packed"])
+def test_op_registration_with_the_router_passes_opcheck(kind):
+    """The router's schema (three optional tensors and the temperature), its fakes (the table
+    [T, 2] as a third output, the router's gradients after the weights') and autograd."""
+    params, dy = router_problem(2, 3, 20, 8, torch.float32, seed=4)
+    rows, index = router_layout(kind, 2, 3)
+    x, a_w, a_b, b_w, b_b, d_w, d_b, r_w, r_b = (v.detach().requires_grad_() for v in params.values())
+    weights = (a_w.squeeze(-1), a_b, b_w.squeeze(-1), b_b, d_w.squeeze(-1), d_b)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_fwd.default,
+                          (x, *weights, None, index, 1.3, 0.0, None, r_w, r_b, rows, 2.0))
+    router = kernel.Router(r_w.detach(), r_b.detach(), 2.0, rows)
+    _, hd, table = kernel.mm_adapter_forward(x.detach(), *(w.detach() for w in weights), None, index, 1.3,
+                                             router=router)
+    torch.library.opcheck(torch.ops.lavin_fast.mm_adapter_bwd.default,
+                          (dy, x.detach(), weights[0].detach(), *(w.detach() for w in weights[2:]), table, index, hd,
+                           1.3, 0.0, None, r_w.detach(), rows, 2.0))
