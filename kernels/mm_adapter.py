@@ -58,7 +58,7 @@ from torch import Tensor
 from lavin_fast import native, reference
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
-from lavin_fast.ops import KERNEL_DTYPES, check_router_order, cpu_runs_native
+from lavin_fast.backend import KERNEL_DTYPES, check_router_order, cpu_runs_native
 
 # Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
 # that every kernel compiles for sm_80 and sm_90 without spills, the main launches at 7B

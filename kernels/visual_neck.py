@@ -55,9 +55,8 @@ from torch import Tensor
 from lavin_fast import native
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
-from lavin_fast.ops import cpu_runs_native
+from lavin_fast.backend import KERNEL_DTYPES, cpu_runs_native
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("silu", "swiglu")
 
 

@@ -12,6 +12,7 @@ Public API (re-exported here; each name's module has the details):
   batched KV-cache generation.
 """
 from lavin_fast._version import __version__  # noqa: F401  (the package attribute)
+from lavin_fast.backend import select_backend
 from lavin_fast.checkpoints.adapters import load_adapters, save_adapters
 from lavin_fast.checkpoints.clip import load_clip
 from lavin_fast.checkpoints.lavin import load_lavin
@@ -22,7 +23,7 @@ from lavin_fast.models.lavin import LaVIN, LaVINConfig
 from lavin_fast.models.llama import LlamaConfig, Transformer
 from lavin_fast.models.vit import ViTConfig, VisionTransformer
 from lavin_fast.modules import MMAdapter, VisualNeck
-from lavin_fast.ops import mm_adapter, select_backend, visual_neck
+from lavin_fast.ops import mm_adapter, visual_neck
 from lavin_fast.tokenizer import Tokenizer
 
 

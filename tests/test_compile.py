@@ -8,7 +8,6 @@ graph per length would compile on nearly every step.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lavin_fast.collate import Batch
