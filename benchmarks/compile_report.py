@@ -253,8 +253,10 @@ def _call(case: Case, dtype: torch.dtype, launches: list[Launch], counter: "_Tor
         y = module(x)
     forward_launches = len(launches)
     dy = torch.randn_like(y)
+    # The gradients handed back as a layer's backward hands them on (x is an activation inside a
+    # model, never a leaf: y.backward would count the copy AccumulateGrad makes into x.grad).
     with counter:
-        y.backward(dy)
+        torch.autograd.grad(y, [x, *module.parameters()], dy)
     return forward_launches
 
 
