@@ -9,9 +9,9 @@ of each sample. On a CPU (fp32) `--model tiny` (the default there, the demo's mo
 Layouts: padded to the micro-batch's longest sample, packed into one row, and packed with
 the blocks compiled (`LAVIN_BENCH_COMPILE=1`: minutes of Inductor on a CPU). Tokens/s and MFU
 count real tokens only; the padding fraction of each layout is printed. Configurations: the
-adapters and neck on the fused Triton kernels or on the pure-PyTorch backend
-(`LAVIN_FAST_BACKEND`), gradient checkpointing off and on (on a GPU), and flash-attn against
-PyTorch SDPA where flash-attn is installed.
+adapters and neck on the fused kernels (Triton on a GPU, the native C++ ones on a CPU) or on
+the pure-PyTorch backend (`LAVIN_FAST_BACKEND`), gradient checkpointing off and on (on a GPU),
+and flash-attn against PyTorch SDPA where flash-attn is installed.
 
 MFU counts the work a frozen backbone really does (ENGINEERING.md): per LLaMA token
 4 N_llama FLOPs (the forward and the activation gradients; no weight gradients) plus causal
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import harness  # noqa: E402  (puts the checkout on sys.path)
-from lavin_fast import recipe  # noqa: E402
+from lavin_fast import native, recipe  # noqa: E402
 from lavin_fast.collate import Batch  # noqa: E402
 from lavin_fast.compile import compile_blocks  # noqa: E402
 from lengths import scienceqa_lengths  # noqa: E402
@@ -220,9 +220,11 @@ def main() -> None:
     peak = peak_flops()
     attention_backends = ["sdpa"] + (["flash"] if attention.flash_attn_func is not None and device.type == "cuda" else [])
     log = harness.RowLog(args.out, "train_step_" + ("quick" if args.quick else f"{preset}_{device.type}"))
-    backends = [b for b in ("triton", "torch") if not (b == "triton" and device.type == "cpu")]
-    # (the interpreter's speed says nothing about the kernels); the compiled layout comes last:
-    # compiling is in place, so every configuration after it runs compiled.
+    # On a CPU the fused ops run natively (csrc/) where built; the interpreter's speed says nothing.
+    kernels = "triton" if device.type == "cuda" else "native" if native.available() else None
+    backends = [b for b in (kernels, "torch") if b is not None]
+    # The compiled layout comes last: compiling is in place, so every configuration after it
+    # runs compiled.
     # On a CPU the layouts are the question (checkpointing only adds a recompute).
     checkpointings = (False,) if cpu else (False, True)
     for layout, backend, checkpointing, attn in itertools.product(layouts, backends, checkpointings,

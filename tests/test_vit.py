@@ -692,8 +692,10 @@ def test_adapter_slot_is_before_attention_and_routes_per_sample():
     with torch.no_grad():
         other = adapted(changed)
         alone = adapted(images[:1])
-    torch.testing.assert_close(other[0], with_[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(alone[0], with_[0], rtol=1e-6, atol=1e-6)
+    # fp32 rounding of matmuls blocked by batch size (1e-6 here); routing by sample 0 moves them
+    # by far more (the routings above differ by 1e-3 or more)
+    torch.testing.assert_close(other[0], with_[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[0], with_[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other[1], with_[1], atol=1e-3)
 
 
