@@ -210,7 +210,7 @@ def main() -> None:
     length = 64 if args.quick else 512            # the recipe's max_len
     batch_size = 4
     dtype = torch.float32 if cpu else torch.bfloat16
-    steps, warmup = (2, 1) if args.quick else (10, 3) if not cpu else (5, 2) if preset == "tiny" else (3, 1)
+    steps, warmup = (2, 1) if args.quick else (10, 3) if not cpu else (20, 3) if preset == "tiny" else (3, 1)
     model = build(MODELS[preset](), device, dtype).train()
     batches = {"padded": make_batch(model, batch_size, length, device, packed=False),
                "packed": make_batch(model, batch_size, length, device, packed=True)}
