@@ -14,16 +14,23 @@
 //     dx    = dy + dh A;   dA = dh^T x;   da = sum_m dh
 //     dU_e  = s (w_e hd)^T dy (grouped entries only);   du_e = s sum_m w_e dy
 //
-// Memory: each row of x (dy) is read from RAM once into L1 and used there for both of its
-// passes (down then up forward; dy U then dx and the weight gradients backward). Forward moves
-// 2 M d e bytes (e = element size) + 4 M r (hd) + the weights; backward 3 M d e (dy, x, dx)
-// + 4 M r (hd) + per block of kRowBlock rows one fp32 partial of the weight gradients
-// (4 (r d + 2 d r/g + 2 d + r) bytes, written and summed once).
+// Layout: the weights become panels (vec_rows.h): A as [d/W, r, W], and per group k the rows
+// U_0^T, U_1^T, u_0, u_1 over the group's columns as one [dg/W, n, W] panel, n = 2 r/g + 2
+// (columns past the last whole chunk of W, for odd d, run scalar on the plain weights). A block
+// of kRows rows streams past an L1-sized tile of a panel, so the weights are read from L2 once
+// per block, not once per row (per row they were 72 KB of L2 traffic at d = 1024 against 4 KB of
+// x: the first version ran at 1.6 us per row, compute-side, perf).
+//
+// Memory: each block of x (dy) is read from RAM once and used from L2 for its second pass (up
+// after down forward; dx and the weight gradients after dy U backward). Forward moves 2 M d e
+// bytes (e = element size) + 4 M r (hd) + the weights; backward 3 M d e (dy, x, dx) + 4 M r (hd)
+// + per chunk of rows one fp32 partial of the weight gradients (4 (r d + 2 d r/g + 2 d + r)
+// bytes, written and summed once).
 //
 // Arithmetic in fp32 for fp32/bf16/fp16 inputs (16-bit rows are converted on load, results
 // rounded once on store). Deterministic for any thread count: rows are independent forward;
-// backward the weight-gradient partials belong to fixed blocks of kRowBlock rows and are summed
-// in block order, the routing gradient in row order.
+// backward the weight-gradient partials belong to fixed chunks of rows (their size set by M
+// alone) and are summed in chunk order, the routing gradient in row order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/PhiloxRNGEngine.h>
@@ -38,8 +45,7 @@
 namespace lavin_fast_native {
 namespace {
 
-constexpr int64_t kRowBlock = 64;   // rows per weight-gradient partial (fixed: thread-count invariant)
-constexpr int64_t kColTile = 256;   // columns per step of the backward's second pass (L1-sized)
+constexpr int64_t kRows = 16;   // rows per block: 2 x 16 rows of d fp32 stay in L2 between the passes
 
 // Dropout factor of row m's hidden units: Philox4x32-10 keyed by (seed, row), so any thread
 // draws the same mask for a row and the backward replays the forward's.
@@ -52,10 +58,10 @@ void dropout_row(uint64_t seed, int64_t m, int64_t r, float p, float* out) {
   }
 }
 
-// Everything both passes read, as fp32 contiguous tensors (a few KB: the weights, the table).
+// Everything both passes read, as fp32 contiguous tensors (a few hundred KB at most).
 struct Params {
-  int64_t batch, tokens, d, r, rg, dg, table_rows;
-  at::Tensor a_w, a_b, ub_t, ud_t, ub, ud, routing, index;   // ub_t, ud_t: U^T [r/g, d]
+  int64_t batch, tokens, M, d, r, rg, groups, dg, n, a_chunks, g_chunks, table_rows;
+  at::Tensor a_w, a_b, up, a_panel, up_panel, routing, index;   // up: [n, d] = U_0^T, U_1^T, u_0, u_1
   double scale;
 
   int64_t table_row(int64_t m) const {
@@ -64,6 +70,7 @@ struct Params {
                 " is not a row of routing [", table_rows, ", 2]");
     return t;
   }
+  const float* group_panel(int64_t k) const { return up_panel.data_ptr<float>() + k * g_chunks * n * kW; }
 };
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -83,10 +90,26 @@ Params params(const at::Tensor& x, const at::Tensor& a_w, const std::optional<at
   TORCH_CHECK(routing.dim() == 2 && routing.size(1) == 2, "mm_adapter (native): routing must be [rows, 2], got ",
               routing.sizes());
   Params p;
-  p.batch = x.size(0), p.tokens = x.size(1), p.d = d, p.r = r, p.rg = rg, p.dg = d / (r / rg);
+  p.batch = x.size(0), p.tokens = x.size(1), p.M = p.batch * p.tokens, p.d = d, p.r = r, p.rg = rg;
+  p.groups = r / rg, p.dg = d / p.groups, p.n = 2 * rg + 2, p.a_chunks = d / kW, p.g_chunks = p.dg / kW;
   p.table_rows = routing.size(0);
   p.a_w = f32(a_w), p.a_b = a_b ? f32(*a_b) : at::Tensor();
-  p.ub_t = f32(ub_w.t()), p.ud_t = f32(ud_w.t()), p.ub = f32(ub), p.ud = f32(ud);
+  // Plain loops, not ATen ops: a dozen small ops cost ~0.1 ms a call, the whole forward at M = 64.
+  const at::Tensor ub_w32 = f32(ub_w), ud_w32 = f32(ud_w), ub32 = f32(ub), ud32 = f32(ud);
+  p.up = at::empty({p.n, d}, x.options().dtype(at::kFloat));
+  float* up = p.up.data_ptr<float>();
+  const float *Ub = ub_w32.data_ptr<float>(), *Ud = ud_w32.data_ptr<float>();
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t j = 0; j < rg; ++j) up[j * d + c] = Ub[c * rg + j], up[(rg + j) * d + c] = Ud[c * rg + j];
+  }
+  std::copy(ub32.data_ptr<float>(), ub32.data_ptr<float>() + d, up + 2 * rg * d);
+  std::copy(ud32.data_ptr<float>(), ud32.data_ptr<float>() + d, up + (2 * rg + 1) * d);
+  p.a_panel = at::empty({p.a_chunks, r, kW}, p.up.options());
+  pack_panels(p.a_w.data_ptr<float>(), r, d, 0, p.a_chunks, p.a_panel.data_ptr<float>());
+  p.up_panel = at::empty({p.groups, p.g_chunks, p.n, kW}, p.up.options());
+  for (int64_t k = 0; k < p.groups; ++k) {
+    pack_panels(up, p.n, d, k * p.dg, p.g_chunks, p.up_panel.data_ptr<float>() + k * p.g_chunks * p.n * kW);
+  }
   p.routing = f32(routing);
   if (routing_index) {
     TORCH_CHECK(routing_index->sizes() == x.sizes().slice(0, 2), "mm_adapter (native): routing_index must be [",
@@ -106,48 +129,77 @@ uint64_t seed_of(double dropout_p, const std::optional<at::Tensor>& seed) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: per row, the r dot products of the down-projection over the row (in L1), dropout,
-// then y = x + s (w_0 u_0 + w_1 u_1) + sum_j (s w_0 hd_kj) U_0^T[j] + (s w_1 hd_kj) U_1^T[j] over
-// each group's columns. 2 M d e bytes from RAM; about (r + 2 r/g + 2) d FMAs per row.
+// Forward, per block of kRows rows: the down-projection tile by tile of A's panel (r lane-wise
+// accumulators per row), dropout, then y = x + sum_u coef_u up_u over each group's columns with
+// coef = (s w_0 hd_k., s w_1 hd_k., s w_0, s w_1). 2 M d e bytes from RAM; (r + n) d FMAs per row.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-void forward_rows(const Params& p, const at::Tensor& x, at::Tensor& y, at::Tensor& hd, float dropout_p,
-                  uint64_t seed) {
-  const int64_t M = p.batch * p.tokens, d = p.d, r = p.r, rg = p.rg, dg = p.dg;
-  const scalar_t* xs = x.data_ptr<scalar_t>();
-  scalar_t* ys = y.data_ptr<scalar_t>();
-  float* hds = hd.data_ptr<float>();
-  const float *A = p.a_w.data_ptr<float>(), *a = p.a_b.data_ptr<float>(), *UbT = p.ub_t.data_ptr<float>(),
-              *UdT = p.ud_t.data_ptr<float>(), *ub = p.ub.data_ptr<float>(), *ud = p.ud.data_ptr<float>(),
-              *w = p.routing.data_ptr<float>();
+void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds, float dropout_p, uint64_t seed) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg;
+  const float *A = p.a_w.data_ptr<float>(), *a = p.a_b.data_ptr<float>(), *up = p.up.data_ptr<float>(),
+              *A_panel = p.a_panel.data_ptr<float>(), *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> x_buf(d), out(d), mask(r), coef(2 * rg + 2);
-    std::vector<const float*> src(2 * rg + 2);
-    for (int64_t m = begin; m < end; ++m) {
-      const float* xr = row_as_float(xs, row_offset(x, m, p.tokens), d, x_buf.data());
-      float* h = hds + m * r;
-      for (int64_t i = 0; i < r; i += 4) dot4(xr, A + i * d, d, std::min<int64_t>(4, r - i), d, h + i);
-      for (int64_t i = 0; i < r; ++i) h[i] += a[i];
-      if (dropout_p > 0) {
-        dropout_row(seed, m, r, dropout_p, mask.data());
-        for (int64_t i = 0; i < r; ++i) h[i] *= mask[i];
-      }
-      const int64_t t = p.table_row(m);
-      const float s0 = s * w[2 * t], s1 = s * w[2 * t + 1];
-      float* o = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(ys + m * d) : out.data();
-      for (int64_t k = 0; k * dg < d; ++k) {   // group k's columns: x + 2 r/g + 2 scaled rows, one pass
-        const int64_t c = k * dg;
-        int64_t n = 0;
-        for (int64_t j = 0; j < rg; ++j) {
-          src[n] = UbT + j * d + c, coef[n++] = s0 * h[k * rg + j];
-          src[n] = UdT + j * d + c, coef[n++] = s1 * h[k * rg + j];
+  const int64_t blocks = (p.M + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> x_buf(kFloat ? 0 : kRows * d), y_buf(kFloat ? 0 : kRows * d), mask(r),
+        coef(kRows * groups * n);
+    std::vector<Vec> acc(kRows * r);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t m0 = block * kRows, rows = std::min(kRows, p.M - m0);
+      const float* xb = rows_as_float(xs, m0, rows, d, x_buf.data());
+      float* yb = kFloat ? reinterpret_cast<float*>(ys) + m0 * d : y_buf.data();
+      std::fill(acc.begin(), acc.end(), Vec(0.0f));
+      for (int64_t v0 = 0; v0 < p.a_chunks; v0 += kTileChunks) {   // h = x A^T, one tile of A at a time
+        const int64_t chunks = std::min(kTileChunks, p.a_chunks - v0);
+        const float* tile = A_panel + v0 * r * kW;
+        for (int64_t q = 0; q < rows; ++q) {
+          in_runs(r, [&](auto run, int64_t u0) {
+            panel_dots<decltype(run)::value>(xb + q * d + v0 * kW, tile + u0 * kW, r, chunks, acc.data() + q * r + u0);
+          });
         }
-        src[n] = ub + c, coef[n++] = s0;
-        src[n] = ud + c, coef[n++] = s1;
-        add_rows(xr + c, src.data(), coef.data(), n, o + c, dg);
       }
-      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(o, ys + m * d, d);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t m = m0 + q;
+        const float* xr = xb + q * d;
+        float* h = hds + m * r;
+        for (int64_t i = 0; i < r; ++i) {
+          float sum = lane_sum(acc[q * r + i]);
+          for (int64_t c = p.a_chunks * kW; c < d; ++c) sum += xr[c] * A[i * d + c];
+          h[i] = sum + a[i];
+        }
+        if (dropout_p > 0) {
+          dropout_row(seed, m, r, dropout_p, mask.data());
+          for (int64_t i = 0; i < r; ++i) h[i] *= mask[i];
+        }
+        const int64_t t = p.table_row(m);
+        const float s0 = s * w[2 * t], s1 = s * w[2 * t + 1];
+        for (int64_t k = 0; k < groups; ++k) {
+          float* cq = coef.data() + (q * groups + k) * n;
+          for (int64_t j = 0; j < rg; ++j) cq[j] = s0 * h[k * rg + j], cq[rg + j] = s1 * h[k * rg + j];
+          cq[2 * rg] = s0, cq[2 * rg + 1] = s1;
+        }
+      }
+      for (int64_t k = 0; k < groups; ++k) {   // y = x + coef . up over group k's columns
+        const float* panel = p.group_panel(k);
+        for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
+          const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
+          const float* tile = panel + v0 * n * kW;
+          in_runs(n, [&](auto run, int64_t u0) {
+            panel_combine_rows<decltype(run)::value>(rows, u0 == 0 ? xb + c : yb + c, d, tile + u0 * kW, n,
+                                                     coef.data() + k * n + u0, groups * n, chunks, yb + c, d);
+          });
+        }
+        for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {   // columns past the last chunk
+          for (int64_t q = 0; q < rows; ++q) {
+            const float* cq = coef.data() + (q * groups + k) * n;
+            float sum = xb[q * d + c];
+            for (int64_t u = 0; u < n; ++u) sum += cq[u] * up[u * d + c];
+            yb[q * d + c] = sum;
+          }
+        }
+      }
+      if constexpr (!kFloat) at::vec::convert(yb, ys + m0 * d, rows * d);
     }
   });
 }
@@ -160,101 +212,162 @@ std::tuple<at::Tensor, at::Tensor> mm_adapter_fwd(
   const Params p = params(x_in, down_weight, down_bias, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing,
                           routing_index, scale);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "mm_adapter (native): dropout_p must be in [0, 1), got ", dropout_p);
-  const at::Tensor x = unit_inner_stride(x_in);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor hd = at::empty({p.batch, p.tokens, p.r}, x.options().dtype(at::kFloat));
   const uint64_t s = seed_of(dropout_p, seed);
   dispatch_kernel_dtype(x.scalar_type(), "mm_adapter (native)", [&](auto tag) {
-    forward_rows<decltype(tag)>(p, x, y, hd, static_cast<float>(dropout_p), s);
+    using scalar_t = decltype(tag);
+    forward_rows<scalar_t>(p, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), hd.data_ptr<float>(),
+                           static_cast<float>(dropout_p), s);
   });
   return {y, hd};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, per block of kRowBlock rows (the parallel unit):
-//   pass 1, per row: dhw_e = s dy U_e (2 r/g dot products per group), dy . u_e, dw_e, dh;
-//   pass 2, per column tile of kColTile, per row: dx = dy + dh A, and into the block's fp32
-//   partial dA += dh x, dU_e^T += (s w_e hd) dy, du_e += s w_e dy (tile-sized, in L1).
-// Then the partials are summed in block order (parallel over elements) and the per-row routing
-// gradients into the table in row order. RAM: dy, x read, dx written once (3 M d e).
+// Backward, per chunk of rows (the owner of one weight-gradient partial), per block of kRows:
+//   pass 1: dy . up_u per group, tile by tile of the group's panel (n lane-wise accumulators per
+//           row), giving dhw_e = s dy U_e, dy . u_e, then per row dw_e, dh, and the block's
+//           coefficients (s w_e hd, s w_e);
+//   pass 2: dx = dy + dh A (A's panel), the partial's dA panel += dh^T x, and its up panels
+//           += coef^T dy (dU_e^T and du_e).
+// Then the partials are summed in chunk order (parallel over elements) and unpacked, and the
+// per-row routing gradients summed into the table in row order. RAM: dy, x read, dx written
+// once (3 M d e).
 // ---------------------------------------------------------------------------------------------
-struct Partial {   // offsets into one block's partial row of `total` floats
-  int64_t dA, dUb, dUd, dub, dud, da, total;
-  Partial(int64_t r, int64_t rg, int64_t d)
-      : dA(0), dUb(r * d), dUd(dUb + rg * d), dub(dUd + rg * d), dud(dub + d), da(dud + d), total(da + r) {}
+struct Partial {   // offsets into one chunk's partial of `total` floats
+  int64_t dA_panel, dA_tail, dU_panel, dU_tail, da, total;
+  int64_t a_tail, g_tail;   // columns past the last whole chunk: of d, of each group
+  explicit Partial(const Params& p)
+      : a_tail(p.d - p.a_chunks * kW), g_tail(p.dg - p.g_chunks * kW) {
+    dA_panel = 0;
+    dA_tail = dA_panel + p.a_chunks * p.r * kW;
+    dU_panel = dA_tail + p.r * a_tail;
+    dU_tail = dU_panel + p.groups * p.g_chunks * p.n * kW;
+    da = dU_tail + p.groups * p.n * g_tail;
+    total = da + p.r;
+  }
 };
 
+// Rows per partial: set by M alone (so the sums' order does not depend on the thread count), about
+// 32 partials for large M, never fewer rows than 64 nor more than 512.
+int64_t chunk_rows(int64_t M) {
+  const int64_t target = ((M + 31) / 32 + kRows - 1) / kRows * kRows;
+  return std::clamp<int64_t>(target, 64, 512);
+}
+
 template <typename scalar_t>
-void backward_blocks(const Params& p, const at::Tensor& dy, const at::Tensor& x, const float* hds, at::Tensor& dx,
+void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, const float* hds, scalar_t* dxs,
                      float* partials, float* dw_rows, float dropout_p, uint64_t seed) {
-  const int64_t M = p.batch * p.tokens, d = p.d, r = p.r, rg = p.rg, dg = p.dg;
-  const Partial layout(r, rg, d);
-  const scalar_t *dys = dy.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>();
-  scalar_t* dxs = dx.data_ptr<scalar_t>();
-  const float *A = p.a_w.data_ptr<float>(), *UbT = p.ub_t.data_ptr<float>(), *UdT = p.ud_t.data_ptr<float>(),
-              *ub = p.ub.data_ptr<float>(), *ud = p.ud.data_ptr<float>(), *w = p.routing.data_ptr<float>();
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg;
+  const Partial layout(p);
+  const float *A = p.a_w.data_ptr<float>(), *up = p.up.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(),
+              *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-    std::vector<float> dy_buf(kFloat ? 0 : kRowBlock * d), x_buf(kFloat ? 0 : kRowBlock * d), dx_tile(kColTile);
-    std::vector<float> dh(kRowBlock * r), hw0(kRowBlock * r), hw1(kRowBlock * r), sw(kRowBlock * 2), mask(r),
-        dhw0(r), dhw1(r);
-    std::vector<const float*> dy_rows(kRowBlock), x_rows(kRowBlock), a_rows(r);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t m0 = block * kRowBlock, rows = std::min(kRowBlock, M - m0);
-      float* part = partials + block * layout.total;
+  const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
+    std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);
+    std::vector<Vec> acc(kRows * groups * n);
+    for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+      float* part = partials + ci * layout.total;
       std::fill(part, part + layout.total, 0.0f);
-      for (int64_t q = 0; q < rows; ++q) {   // pass 1
-        const int64_t m = m0 + q;
-        dy_rows[q] = row_as_float(dys, row_offset(dy, m, p.tokens), d, kFloat ? nullptr : dy_buf.data() + q * d);
-        x_rows[q] = row_as_float(xs, row_offset(x, m, p.tokens), d, kFloat ? nullptr : x_buf.data() + q * d);
-        const float* g = dy_rows[q];
-        const float* hd = hds + m * r;
-        for (int64_t k = 0; k * dg < d; ++k) {
-          for (int64_t j = 0; j < rg; j += 4) {
-            const int64_t n = std::min<int64_t>(4, rg - j);
-            dot4(g + k * dg, UbT + j * d + k * dg, d, n, dg, dhw0.data() + k * rg + j);
-            dot4(g + k * dg, UdT + j * d + k * dg, d, n, dg, dhw1.data() + k * rg + j);
+      const int64_t chunk_end_row = std::min(p.M, (ci + 1) * chunk);
+      for (int64_t m0 = ci * chunk; m0 < chunk_end_row; m0 += kRows) {
+        const int64_t rows = std::min(kRows, chunk_end_row - m0);
+        const float* dyb = rows_as_float(dys, m0, rows, d, dy_buf.data());
+        const float* xb = rows_as_float(xs, m0, rows, d, x_buf.data());
+        float* dxb = kFloat ? reinterpret_cast<float*>(dxs) + m0 * d : dx_buf.data();
+        // pass 1: dy . up_u, group by group, tile by tile
+        std::fill(acc.begin(), acc.end(), Vec(0.0f));
+        for (int64_t k = 0; k < groups; ++k) {
+          const float* panel = p.group_panel(k);
+          for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
+            const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
+            for (int64_t q = 0; q < rows; ++q) {
+              in_runs(n, [&](auto run, int64_t u0) {
+                panel_dots<decltype(run)::value>(dyb + q * d + c, panel + (v0 * n + u0) * kW, n, chunks,
+                                                 acc.data() + (q * groups + k) * n + u0);
+              });
+            }
           }
         }
-        for (int64_t i = 0; i < r; ++i) dhw0[i] *= s, dhw1[i] *= s;
-        float dw0 = s * dot(g, ub, d), dw1 = s * dot(g, ud, d);
-        for (int64_t i = 0; i < r; ++i) dw0 += hd[i] * dhw0[i], dw1 += hd[i] * dhw1[i];
-        dw_rows[2 * m] = dw0, dw_rows[2 * m + 1] = dw1;
-        const int64_t t = p.table_row(m);
-        const float w0 = w[2 * t], w1 = w[2 * t + 1];
-        if (dropout_p > 0) dropout_row(seed, m, r, dropout_p, mask.data());
-        for (int64_t i = 0; i < r; ++i) {
-          dh[q * r + i] = (w0 * dhw0[i] + w1 * dhw1[i]) * (dropout_p > 0 ? mask[i] : 1.0f);
-          hw0[q * r + i] = s * w0 * hd[i], hw1[q * r + i] = s * w1 * hd[i];
-          part[layout.da + i] += dh[q * r + i];
-        }
-        sw[2 * q] = s * w0, sw[2 * q + 1] = s * w1;
-      }
-      for (int64_t c0 = 0; c0 < d; c0 += kColTile) {   // pass 2
-        const int64_t c1 = std::min(d, c0 + kColTile), width = c1 - c0;
-        for (int64_t i = 0; i < r; ++i) a_rows[i] = A + i * d + c0;
-        for (int64_t q = 0; q < rows; ++q) {   // dx = dy + dh A, one store per element
-          const float *g = dy_rows[q] + c0, *dhq = dh.data() + q * r;
-          float* out = kFloat ? reinterpret_cast<float*>(dxs + (m0 + q) * d) + c0 : dx_tile.data();
-          add_rows(g, a_rows.data(), dhq, r, out, width);
-          if constexpr (!kFloat) at::vec::convert(out, dxs + (m0 + q) * d + c0, width);
-        }
-        // The block's rows summed into the tile of each gradient, eight outputs at a time.
-        for (int64_t i = 0; i < r; i += 8) {   // dA += dh^T x
-          accumulate_rows(rows, x_rows.data(), dh.data() + i, r, std::min<int64_t>(8, r - i),
-                          part + layout.dA + i * d, d, c0, c1);
-        }
-        for (int64_t k = c0 / dg; k * dg < c1; ++k) {   // dU_e^T += (s w_e hd)^T dy, the groups this tile meets
-          const int64_t lo = std::max(c0, k * dg), hi = std::min(c1, (k + 1) * dg);
-          for (int64_t j = 0; j < rg; j += 8) {
-            const int64_t n = std::min<int64_t>(8, rg - j);
-            accumulate_rows(rows, dy_rows.data(), hw0.data() + k * rg + j, r, n, part + layout.dUb + j * d, d, lo, hi);
-            accumulate_rows(rows, dy_rows.data(), hw1.data() + k * rg + j, r, n, part + layout.dUd + j * d, d, lo, hi);
+        for (int64_t q = 0; q < rows; ++q) {
+          const int64_t m = m0 + q;
+          const float *g = dyb + q * d, *hd = hds + m * r;
+          float dot_u0 = 0.0f, dot_u1 = 0.0f;
+          for (int64_t k = 0; k < groups; ++k) {
+            for (int64_t u = 0; u < n; ++u) {
+              float sum = lane_sum(acc[(q * groups + k) * n + u]);
+              for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) sum += g[c] * up[u * d + c];
+              dot_u[u] = sum;
+            }
+            for (int64_t j = 0; j < rg; ++j) dhw0[k * rg + j] = s * dot_u[j], dhw1[k * rg + j] = s * dot_u[rg + j];
+            dot_u0 += dot_u[2 * rg], dot_u1 += dot_u[2 * rg + 1];
+          }
+          float dw0 = s * dot_u0, dw1 = s * dot_u1;
+          for (int64_t i = 0; i < r; ++i) dw0 += hd[i] * dhw0[i], dw1 += hd[i] * dhw1[i];
+          dw_rows[2 * m] = dw0, dw_rows[2 * m + 1] = dw1;
+          const int64_t t = p.table_row(m);
+          const float w0 = w[2 * t], w1 = w[2 * t + 1];
+          if (dropout_p > 0) dropout_row(seed, m, r, dropout_p, mask.data());
+          for (int64_t i = 0; i < r; ++i) {
+            dh[q * r + i] = (w0 * dhw0[i] + w1 * dhw1[i]) * (dropout_p > 0 ? mask[i] : 1.0f);
+            part[layout.da + i] += dh[q * r + i];
+          }
+          for (int64_t k = 0; k < groups; ++k) {
+            float* cq = coef.data() + (q * groups + k) * n;
+            for (int64_t j = 0; j < rg; ++j) cq[j] = s * w0 * hd[k * rg + j], cq[rg + j] = s * w1 * hd[k * rg + j];
+            cq[2 * rg] = s * w0, cq[2 * rg + 1] = s * w1;
           }
         }
-        accumulate_rows(rows, dy_rows.data(), sw.data(), 2, 2, part + layout.dub, d, c0, c1);   // du_e (dud = dub + d)
+        // pass 2a: dx = dy + dh A and dA += dh^T x, tile by tile of A's panel
+        float* dA_panel = part + layout.dA_panel;
+        for (int64_t v0 = 0; v0 < p.a_chunks; v0 += kTileChunks) {
+          const int64_t chunks = std::min(kTileChunks, p.a_chunks - v0), c = v0 * kW;
+          const float* tile = A_panel + v0 * r * kW;
+          in_runs(r, [&](auto run, int64_t u0) {
+            panel_combine_rows<decltype(run)::value>(rows, u0 == 0 ? dyb + c : dxb + c, d, tile + u0 * kW, r,
+                                                     dh.data() + u0, r, chunks, dxb + c, d);
+          });
+          in_runs(r, [&](auto run, int64_t u0) {
+            panel_accumulate<decltype(run)::value>(xb + c, d, rows, dh.data() + u0, r, chunks,
+                                                   dA_panel + (v0 * r + u0) * kW, r);
+          });
+        }
+        for (int64_t c = p.a_chunks * kW; c < d; ++c) {   // columns past the last chunk
+          for (int64_t q = 0; q < rows; ++q) {
+            float sum = dyb[q * d + c];
+            for (int64_t i = 0; i < r; ++i) sum += dh[q * r + i] * A[i * d + c];
+            dxb[q * d + c] = sum;
+          }
+          for (int64_t i = 0; i < r; ++i) {
+            float sum = 0.0f;
+            for (int64_t q = 0; q < rows; ++q) sum += dh[q * r + i] * xb[q * d + c];
+            part[layout.dA_tail + i * layout.a_tail + (c - p.a_chunks * kW)] += sum;
+          }
+        }
+        // pass 2b: the up panels += coef^T dy (dU_e^T, du_e), group by group
+        for (int64_t k = 0; k < groups; ++k) {
+          float* dU_panel = part + layout.dU_panel + k * p.g_chunks * n * kW;
+          for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
+            const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
+            in_runs(n, [&](auto run, int64_t u0) {
+              panel_accumulate<decltype(run)::value>(dyb + c, d, rows, coef.data() + k * n + u0, groups * n, chunks,
+                                                     dU_panel + (v0 * n + u0) * kW, n);
+            });
+          }
+          for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {
+            const int64_t column = c - k * dg - p.g_chunks * kW;
+            for (int64_t u = 0; u < n; ++u) {
+              float sum = 0.0f;
+              for (int64_t q = 0; q < rows; ++q) sum += coef[(q * groups + k) * n + u] * dyb[q * d + c];
+              part[layout.dU_tail + (k * n + u) * layout.g_tail + column] += sum;
+            }
+          }
+        }
+        if constexpr (!kFloat) at::vec::convert(dxb, dxs + m0 * d, rows * d);
       }
     }
   });
@@ -273,25 +386,27 @@ std::vector<at::Tensor> mm_adapter_bwd(
   TORCH_CHECK(hd_in.sizes() == at::IntArrayRef({p.batch, p.tokens, p.r}) && hd_in.scalar_type() == at::kFloat,
               "mm_adapter (native): hd must be the forward's fp32 [", p.batch, ", ", p.tokens, ", ", p.r, "], got ",
               hd_in.scalar_type(), " ", hd_in.sizes());
-  const at::Tensor x = unit_inner_stride(x_in), dy = unit_inner_stride(dy_in), hd = hd_in.contiguous();
-  const int64_t M = p.batch * p.tokens, d = p.d, r = p.r, rg = p.rg;
-  const Partial layout(r, rg, d);
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor partials = at::empty({blocks, layout.total}, x.options().dtype(at::kFloat));
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous(), hd = hd_in.contiguous();
+  const int64_t M = p.M, d = p.d, r = p.r, rg = p.rg, n = p.n;
+  const Partial layout(p);
+  const int64_t n_chunks = (M + chunk_rows(M) - 1) / chunk_rows(M);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor partials = at::empty({n_chunks, layout.total}, x.options().dtype(at::kFloat));
   at::Tensor dw_rows = at::empty({M, 2}, x.options().dtype(at::kFloat));
   const uint64_t s = seed_of(dropout_p, seed);
   dispatch_kernel_dtype(x.scalar_type(), "mm_adapter (native)", [&](auto tag) {
-    backward_blocks<decltype(tag)>(p, dy, x, hd.data_ptr<float>(), dx, partials.data_ptr<float>(),
-                              dw_rows.data_ptr<float>(), static_cast<float>(dropout_p), s);
+    using scalar_t = decltype(tag);
+    backward_chunks<scalar_t>(p, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), hd.data_ptr<float>(),
+                              dx.data_ptr<scalar_t>(), partials.data_ptr<float>(), dw_rows.data_ptr<float>(),
+                              static_cast<float>(dropout_p), s);
   });
-  // The blocks' partials summed in block order, parallel over elements.
+  // The chunks' partials summed in chunk order, parallel over elements.
   at::Tensor total = at::zeros({layout.total}, x.options().dtype(at::kFloat));
   const float* parts = partials.data_ptr<float>();
   float* sum = total.data_ptr<float>();
   at::parallel_for(0, layout.total, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t block = 0; block < blocks; ++block) {
-      const float* row = parts + block * layout.total;
+    for (int64_t ci = 0; ci < n_chunks; ++ci) {
+      const float* row = parts + ci * layout.total;
       for (int64_t e = begin; e < end; ++e) sum[e] += row[e];
     }
   });
@@ -304,19 +419,32 @@ std::vector<at::Tensor> mm_adapter_bwd(
   }
   at::Tensor d_routing = at::empty({p.table_rows, 2}, x.options().dtype(at::kFloat));
   std::copy(table.begin(), table.end(), d_routing.data_ptr<float>());
-  auto piece = [&](int64_t offset, at::IntArrayRef shape) {
-    int64_t n = 1;
-    for (auto size : shape) n *= size;
-    return total.narrow(0, offset, n).view(shape);
-  };
-  return {dx,
-          d_routing,
-          piece(layout.dA, {r, d}).clone(),
-          piece(layout.da, {r}).clone(),
-          piece(layout.dUb, {rg, d}).t().contiguous(),
-          piece(layout.dub, {d}).clone(),
-          piece(layout.dUd, {rg, d}).t().contiguous(),
-          piece(layout.dud, {d}).clone()};
+  // Unpack the panels and tails into the weights' layouts (plain loops: see params()).
+  const at::TensorOptions f32_options = x.options().dtype(at::kFloat);
+  at::Tensor dA = at::empty({r, d}, f32_options), da = at::empty({r}, f32_options);
+  at::Tensor dUb = at::empty({d, rg}, f32_options), dUd = at::empty({d, rg}, f32_options);
+  at::Tensor dub = at::empty({d}, f32_options), dud = at::empty({d}, f32_options);
+  const float* t = total.data_ptr<float>();
+  float *dA_out = dA.data_ptr<float>(), *dUb_out = dUb.data_ptr<float>(), *dUd_out = dUd.data_ptr<float>(),
+        *dub_out = dub.data_ptr<float>(), *dud_out = dud.data_ptr<float>();
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t c = 0; c < d; ++c) {
+      const int64_t v = c / kW, tail = c - p.a_chunks * kW;
+      dA_out[i * d + c] = v < p.a_chunks ? t[layout.dA_panel + (v * r + i) * kW + c % kW]
+                                         : t[layout.dA_tail + i * layout.a_tail + tail];
+    }
+  }
+  std::copy_n(t + layout.da, r, da.data_ptr<float>());
+  for (int64_t c = 0; c < d; ++c) {   // row u of the up gradients (as p.up: U_0^T, U_1^T, u_0, u_1) at column c
+    const int64_t k = c / p.dg, column = c - k * p.dg, v = column / kW, tail = column - p.g_chunks * kW;
+    auto up_grad = [&](int64_t u) {
+      return v < p.g_chunks ? t[layout.dU_panel + ((k * p.g_chunks + v) * n + u) * kW + column % kW]
+                            : t[layout.dU_tail + (k * n + u) * layout.g_tail + tail];
+    };
+    for (int64_t j = 0; j < rg; ++j) dUb_out[c * rg + j] = up_grad(j), dUd_out[c * rg + j] = up_grad(rg + j);
+    dub_out[c] = up_grad(2 * rg), dud_out[c] = up_grad(2 * rg + 1);
+  }
+  return {dx, d_routing, dA, da, dUb, dub, dUd, dud};
 }
 
 // The dropout mask the forward applies for `seed` and p: [B, N, r] fp32, 0 or 1/(1-p) (tests).

@@ -1,162 +1,157 @@
-// Row helpers shared by the native CPU kernels: fp32 views of rows, and the three vector loops
-// (dot products and sums of scaled rows) everything else is written with. at::vec::Vectorized<float>
-// is 16 lanes with AVX-512, 8 with AVX2 (the build picks the host's; see lavin_fast/native.py).
+// Vector loops shared by the native CPU kernels. at::vec::Vectorized<float> is 16 lanes with
+// AVX-512, 8 with AVX2 (the build picks the host's; see lavin_fast/native.py).
+//
+// The adapter's weights are small ([n, d] with n <= 2 r/g + 2 rows) but one row of x meets all
+// of them, so they are laid out as *panels*: for each chunk of kW columns, the n rows' kW values
+// side by side (panel[(v n + u) kW + lane]). One pointer then walks every weight a column chunk
+// needs with constant offsets, and a tile of the panel (kTileChunks chunks) stays in L1 while a
+// block of rows streams past it. The loops keep kN accumulators (or coefficients) in registers:
+// kN <= kMaxRun, so that with AVX2's 16 registers nothing goes through the stack (perf showed a
+// stack round trip per step made the first version latency-bound).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <vector>
+#include <type_traits>
 
 namespace lavin_fast_native {
 
 using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr int kMaxRun = 12;            // accumulators per loop: 12 + 2 temporaries <= 16 AVX2 registers
+constexpr int64_t kTileChunks = 32;    // column chunks per tile: 32 x 8 x 4 B x n rows <= 12 KB of panel
 
-// sum_c a[c] b[c], lanes summed last (the same order for any thread count).
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.0f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    acc = at::vec::fmadd(Vec::loadu(a + c), Vec::loadu(b + c), acc);
+// acc[u] += a[v kW + lane] * panel[(v stride + u) kW + lane] for v < chunks, u < kN, per lane.
+template <int kN>
+inline void panel_dots(const float* a, const float* panel, int64_t stride, int64_t chunks, Vec* acc) {
+  Vec s[kN];
+  for (int u = 0; u < kN; ++u) s[u] = acc[u];
+  for (int64_t v = 0; v < chunks; ++v) {
+    const Vec va = Vec::loadu(a + v * kW);
+    const float* p = panel + v * stride * kW;
+    for (int u = 0; u < kN; ++u) s[u] = at::vec::fmadd(va, Vec::loadu(p + u * kW), s[u]);
   }
-  float lanes[Vec::size()];
-  acc.store(lanes);
+  for (int u = 0; u < kN; ++u) acc[u] = s[u];
+}
+
+// out[q][v kW + lane] = base[q][...] + sum_{u < kN} coef[q coef_stride + u] panel[(v stride + u) kW + lane]
+// for q < kR rows (rows kR apart by base_stride / out_stride; out may be base), two chunks per step:
+// 2 kR independent FMA chains. One row's chain of kN dependent FMAs ran at the FMA latency (perf:
+// ~50 cycles per chunk); Zen's 5-cycle latency at two FMAs per cycle wants about ten in flight.
+template <int kN, int kR>
+inline void panel_combine(const float* base, int64_t base_stride, const float* panel, int64_t stride,
+                          const float* coef, int64_t coef_stride, int64_t chunks, float* out, int64_t out_stride) {
+  int64_t v = 0;
+  for (; v + 2 <= chunks; v += 2) {
+    Vec acc[kR][2];
+    for (int q = 0; q < kR; ++q) {
+      acc[q][0] = Vec::loadu(base + q * base_stride + v * kW);
+      acc[q][1] = Vec::loadu(base + q * base_stride + (v + 1) * kW);
+    }
+    const float* p0 = panel + v * stride * kW;
+    const float* p1 = p0 + stride * kW;
+    for (int u = 0; u < kN; ++u) {
+      const Vec w0 = Vec::loadu(p0 + u * kW), w1 = Vec::loadu(p1 + u * kW);
+      for (int q = 0; q < kR; ++q) {
+        const Vec k(coef[q * coef_stride + u]);
+        acc[q][0] = at::vec::fmadd(k, w0, acc[q][0]);
+        acc[q][1] = at::vec::fmadd(k, w1, acc[q][1]);
+      }
+    }
+    for (int q = 0; q < kR; ++q) {
+      acc[q][0].store(out + q * out_stride + v * kW);
+      acc[q][1].store(out + q * out_stride + (v + 1) * kW);
+    }
+  }
+  for (; v < chunks; ++v) {
+    Vec acc[kR];
+    for (int q = 0; q < kR; ++q) acc[q] = Vec::loadu(base + q * base_stride + v * kW);
+    const float* p = panel + v * stride * kW;
+    for (int u = 0; u < kN; ++u) {
+      const Vec w = Vec::loadu(p + u * kW);
+      for (int q = 0; q < kR; ++q) acc[q] = at::vec::fmadd(Vec(coef[q * coef_stride + u]), w, acc[q]);
+    }
+    for (int q = 0; q < kR; ++q) acc[q].store(out + q * out_stride + v * kW);
+  }
+}
+
+// panel_combine over any number of rows: four at a time, then one at a time.
+template <int kN>
+inline void panel_combine_rows(int64_t rows, const float* base, int64_t base_stride, const float* panel,
+                               int64_t stride, const float* coef, int64_t coef_stride, int64_t chunks, float* out,
+                               int64_t out_stride) {
+  int64_t q = 0;
+  for (; q + 4 <= rows; q += 4) {
+    panel_combine<kN, 4>(base + q * base_stride, base_stride, panel, stride, coef + q * coef_stride, coef_stride,
+                         chunks, out + q * out_stride, out_stride);
+  }
+  for (; q < rows; ++q) {
+    panel_combine<kN, 1>(base + q * base_stride, base_stride, panel, stride, coef + q * coef_stride, coef_stride,
+                         chunks, out + q * out_stride, out_stride);
+  }
+}
+
+// panel[(v stride + u) kW + lane] += sum_{q < rows} coef[q coef_stride + u] src[q src_stride + v kW + lane]:
+// a block of rows summed into kN panel rows, each accumulator loaded and stored once per block.
+template <int kN>
+inline void panel_accumulate(const float* src, int64_t src_stride, int64_t rows, const float* coef,
+                             int64_t coef_stride, int64_t chunks, float* panel, int64_t stride) {
+  for (int64_t v = 0; v < chunks; ++v) {
+    float* p = panel + v * stride * kW;
+    Vec acc[kN];
+    for (int u = 0; u < kN; ++u) acc[u] = Vec::loadu(p + u * kW);
+    for (int64_t q = 0; q < rows; ++q) {
+      const Vec x = Vec::loadu(src + q * src_stride + v * kW);
+      const float* k = coef + q * coef_stride;
+      for (int u = 0; u < kN; ++u) acc[u] = at::vec::fmadd(Vec(k[u]), x, acc[u]);
+    }
+    for (int u = 0; u < kN; ++u) acc[u].store(p + u * kW);
+  }
+}
+
+// Calls f(std::integral_constant<int, K>{}, u0) for runs [u0, u0 + K) covering [0, n), K <= kMaxRun.
+template <typename F>
+inline void in_runs(int64_t n, F&& f) {
+  for (int64_t u0 = 0; u0 < n; u0 += kMaxRun) {
+    switch (std::min<int64_t>(kMaxRun, n - u0)) {
+#define LAVIN_FAST_RUN(k) \
+      case k: f(std::integral_constant<int, k>{}, u0); break;
+      LAVIN_FAST_RUN(12) LAVIN_FAST_RUN(11) LAVIN_FAST_RUN(10) LAVIN_FAST_RUN(9) LAVIN_FAST_RUN(8)
+      LAVIN_FAST_RUN(7) LAVIN_FAST_RUN(6) LAVIN_FAST_RUN(5) LAVIN_FAST_RUN(4) LAVIN_FAST_RUN(3)
+      LAVIN_FAST_RUN(2) LAVIN_FAST_RUN(1)
+#undef LAVIN_FAST_RUN
+    }
+  }
+}
+
+// Sum of a vector's lanes, first to last (the same order for any thread count).
+inline float lane_sum(const Vec& v) {
+  float lanes[kW];
+  v.store(lanes);
   float sum = 0.0f;
-  for (int i = 0; i < Vec::size(); ++i) sum += lanes[i];
-  for (; c < n; ++c) sum += a[c] * b[c];
+  for (int64_t i = 0; i < kW; ++i) sum += lanes[i];
   return sum;
 }
 
-// out[u] = sum_c a[c] b[u * b_stride + c] for u < kDots: a read once for kDots dot products,
-// kDots independent accumulators. kDots is a compile-time count so that the accumulators stay in
-// registers (with a runtime count they went through the stack every step: a store-to-load
-// chain that made the forward's down-projection latency-bound, perf annotate). Same order for
-// any thread count.
-template <int kDots>
-inline void dots(const float* a, const float* b, int64_t b_stride, int64_t n, float* out) {
-  Vec acc[kDots];
-  for (int u = 0; u < kDots; ++u) acc[u] = Vec(0.0f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec va = Vec::loadu(a + c);
-    for (int u = 0; u < kDots; ++u) acc[u] = at::vec::fmadd(va, Vec::loadu(b + u * b_stride + c), acc[u]);
-  }
-  for (int u = 0; u < kDots; ++u) {
-    float lanes[Vec::size()];
-    acc[u].store(lanes);
-    float sum = 0.0f;
-    for (int i = 0; i < Vec::size(); ++i) sum += lanes[i];
-    for (int64_t k = c; k < n; ++k) sum += a[k] * b[u * b_stride + k];
-    out[u] = sum;
+// w [n, cols] (fp32, row-major) as panels over columns [c0, c0 + chunks kW): out [chunks, n, kW].
+inline void pack_panels(const float* w, int64_t n, int64_t cols, int64_t c0, int64_t chunks, float* out) {
+  for (int64_t v = 0; v < chunks; ++v) {
+    for (int64_t u = 0; u < n; ++u) std::copy_n(w + u * cols + c0 + v * kW, kW, out + (v * n + u) * kW);
   }
 }
 
-// dots<n_dots> for n_dots <= 4.
-inline void dot4(const float* a, const float* b, int64_t b_stride, int64_t n_dots, int64_t n, float* out) {
-  switch (n_dots) {
-    case 4: return dots<4>(a, b, b_stride, n, out);
-    case 3: return dots<3>(a, b, b_stride, n, out);
-    case 2: return dots<2>(a, b, b_stride, n, out);
-    default: return dots<1>(a, b, b_stride, n, out);
-  }
-}
-
-// out[u * out_stride + c] += sum_q coef[q * coef_stride + u] src[q][c] for u < kOut, c in
-// [c0, c1): a block of rows summed into kOut outputs with the accumulators in registers (one
-// read-modify-write of each output per block, not per row).
-template <int kOut>
-inline void accumulate_rows_n(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
-                              float* out, int64_t out_stride, int64_t c0, int64_t c1) {
-  int64_t c = c0;
-  for (; c + Vec::size() <= c1; c += Vec::size()) {
-    Vec acc[kOut];
-    for (int u = 0; u < kOut; ++u) acc[u] = Vec::loadu(out + u * out_stride + c);
-    for (int64_t q = 0; q < rows; ++q) {
-      const Vec v = Vec::loadu(src[q] + c);
-      const float* k = coef + q * coef_stride;
-      for (int u = 0; u < kOut; ++u) acc[u] = at::vec::fmadd(Vec(k[u]), v, acc[u]);
-    }
-    for (int u = 0; u < kOut; ++u) acc[u].store(out + u * out_stride + c);
-  }
-  for (; c < c1; ++c) {
-    for (int u = 0; u < kOut; ++u) {
-      float acc = out[u * out_stride + c];
-      for (int64_t q = 0; q < rows; ++q) acc += coef[q * coef_stride + u] * src[q][c];
-      out[u * out_stride + c] = acc;
-    }
-  }
-}
-
-// accumulate_rows_n<n_out> for n_out <= 8.
-inline void accumulate_rows(int64_t rows, const float* const* src, const float* coef, int64_t coef_stride,
-                            int64_t n_out, float* out, int64_t out_stride, int64_t c0, int64_t c1) {
-  switch (n_out) {
-#define LAVIN_FAST_CASE(n) \
-    case n: return accumulate_rows_n<n>(rows, src, coef, coef_stride, out, out_stride, c0, c1);
-    LAVIN_FAST_CASE(8) LAVIN_FAST_CASE(7) LAVIN_FAST_CASE(6) LAVIN_FAST_CASE(5)
-    LAVIN_FAST_CASE(4) LAVIN_FAST_CASE(3) LAVIN_FAST_CASE(2) LAVIN_FAST_CASE(1)
-#undef LAVIN_FAST_CASE
-    default: return;
-  }
-}
-
-// out[c] = base[c] + sum_{q < kRows} coef[q] src[q][c], c < n: one pass over out for kRows
-// scaled rows (instead of kRows read-modify-writes of it, one per scaled row).
-template <int kRows>
-inline void add_rows_n(const float* base, const float* const* src, const float* coef, float* out, int64_t n) {
-  Vec k[kRows];
-  for (int q = 0; q < kRows; ++q) k[q] = Vec(coef[q]);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec acc = Vec::loadu(base + c);
-    for (int q = 0; q < kRows; ++q) acc = at::vec::fmadd(k[q], Vec::loadu(src[q] + c), acc);
-    acc.store(out + c);
-  }
-  for (; c < n; ++c) {
-    float acc = base[c];
-    for (int q = 0; q < kRows; ++q) acc += coef[q] * src[q][c];
-    out[c] = acc;
-  }
-}
-
-// out[c] = base[c] + sum_{q < rows} coef[q] src[q][c] for any number of rows, eight per pass
-// (out may be base).
-inline void add_rows(const float* base, const float* const* src, const float* coef, int64_t rows, float* out,
-                     int64_t n) {
-  if (rows == 0 && out != base) std::copy(base, base + n, out);
-  for (int64_t q = 0; q < rows; q += 8) {
-    const float* from = q == 0 ? base : out;
-    switch (std::min<int64_t>(8, rows - q)) {
-#define LAVIN_FAST_CASE(k) \
-      case k: add_rows_n<k>(from, src + q, coef + q, out, n); break;
-      LAVIN_FAST_CASE(8) LAVIN_FAST_CASE(7) LAVIN_FAST_CASE(6) LAVIN_FAST_CASE(5)
-      LAVIN_FAST_CASE(4) LAVIN_FAST_CASE(3) LAVIN_FAST_CASE(2) LAVIN_FAST_CASE(1)
-#undef LAVIN_FAST_CASE
-    }
-  }
-}
-
-// Row m of a [B, N, d] tensor with unit inner stride, as an fp32 pointer: the row itself for
-// fp32, else converted into `scratch` (d floats).
+// Rows [m0, m0 + rows) of a contiguous [M, d] tensor as fp32: the rows themselves for fp32, else
+// converted into `scratch` (rows d floats).
 template <typename scalar_t>
-inline const float* row_as_float(const scalar_t* base, int64_t offset, int64_t d, float* scratch) {
+inline const float* rows_as_float(const scalar_t* base, int64_t m0, int64_t rows, int64_t d, float* scratch) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return base + offset;
+    return base + m0 * d;
   } else {
-    at::vec::convert(base + offset, scratch, d);
+    at::vec::convert(base + m0 * d, scratch, rows * d);
     return scratch;
   }
-}
-
-// Offset of row m = b N + n in a [B, N, d] tensor.
-inline int64_t row_offset(const at::Tensor& t, int64_t m, int64_t tokens) {
-  return (m / tokens) * t.stride(0) + (m % tokens) * t.stride(1);
-}
-
-// A [B, N, d] activation the kernels can walk row by row: unit inner stride (a copy otherwise).
-inline at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous();
 }
 
 // Calls f(scalar_t{}) for the dtypes the kernels take (fp32, bf16, fp16), else a clear error.
