@@ -108,7 +108,8 @@ def test_segments_of_a_packed_row():
     # t_m alone, then the rest of its sample: attention segments [0], [1, 2], [3], [4, 5]
     assert segments.attention_ids.tolist() == [[0, 1, 1, 2, 3, 3]]
     assert segments.cu_seqlens.tolist() == [0, 1, 3, 4, 6] and segments.max_seqlen == 2
-    assert segments.longest_sample == 3
+    assert segments.spans == (3, 3)   # the pad ends the last sample
+    assert Segments.build([[2], [1, 1]], 2, 3).spans == (3, 1, 2)
     padded = Segments.build(None, 2, 4)
     assert padded.one_per_row and padded.routing_index is None and padded.first.tolist() == [0, 4]
 

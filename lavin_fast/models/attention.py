@@ -4,12 +4,12 @@ Packed rows (several samples in a row, `lavin_fast.models.segments`) run `packed
 flash-attn's variable-length function when flash-attn is in use; otherwise, on CUDA fp16/bf16,
 PyTorch's own FlashAttention-2 variable-length op `torch.nn.attention.varlen.varlen_attn`
 (torch >= 2.10, with a backward; it is the same kernel SDPA runs, fed cumulative lengths, so
-nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9) the row's
-samples are gathered into a batch of one sample per row, padded to the longest, and run through
-LaVIN's own causal attention (`isolated_first_attention`), then scattered back: exact and
-differentiable everywhere, the work of the padded layout's attention (the samples' own
-causal squares), not of a mask over the whole row's square (its first version, 1.4x the
-pairs at ScienceQA's lengths and with no causal blocks skipped). FlexAttention was not chosen: fast only under torch.compile,
+nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9) each sample
+runs LaVIN's own causal attention (`isolated_first_attention`) on its own slice of the rows,
+one call per sample: the samples' own causal squares and no padding (gathering them into one
+batch padded to the longest, the second version, did the padded layout's attention work, which
+at the tiny preset's widths is most of the step: packed ran 1.0x padded, now 1.48x; a mask over
+the whole row's square, the first, 1.4x the pairs). That loop stays out of torch.compile. FlexAttention was not chosen: fast only under torch.compile,
 with a block mask to build per batch; nested jagged tensors were not: their SDPA backward
 depends on the torch version and backend.
 
@@ -125,15 +125,24 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Ten
             _report("torch varlen")
             out = _torch_varlen(*flat, cu, longest)
         return out.view(rows, length, heads, head_dim)
-    _report("sdpa, one sample per row")
-    # Sample s's slot j is flat slot first[s] + j; past a sample's end the index runs into the
-    # next sample (clamped at the last slot): those rows' outputs are never read back, and
-    # causality keeps every real query off their keys.
-    offsets = torch.arange(segments.longest_sample, device=q.device)
-    gather = (segments.first[:, None] + offsets).clamp(max=rows * length - 1)    # [S, longest]
-    q, k, v = (t.reshape(rows * length, *t.shape[2:])[gather] for t in (q, k, v))
-    out = (isolated_first_attention(q, k, v) if segments.isolate_first else attention(q, k, v, causal=True))
-    return out[segments.sample_of, segments.positions]                          # [R, L, H, Dh]
+    _report("sdpa, one call per sample")
+    return _per_sample_attention(q, k, v, segments.spans, segments.isolate_first)
+
+
+@torch.compiler.disable
+def _per_sample_attention(q: Tensor, k: Tensor, v: Tensor, spans: tuple[int, ...], isolate_first: bool) -> Tensor:
+    """One attention call per sample, each its own causal square and nothing more; the spans tile
+    the flat rows, so the outputs concatenate back in place. Kept out of torch.compile (a graph
+    break in each block): compiled, the loop would bake the lengths into the graph and recompile
+    for every new batch."""
+    rows, length, heads, head_dim = q.shape
+    flat = [t.reshape(rows * length, *t.shape[2:]) for t in (q, k, v)]
+    outs = []
+    for sample_q, sample_k, sample_v in zip(*(t.split(spans) for t in flat)):
+        sample_q, sample_k, sample_v = sample_q[None], sample_k[None], sample_v[None]
+        outs.append(isolated_first_attention(sample_q, sample_k, sample_v) if isolate_first
+                    else attention(sample_q, sample_k, sample_v, causal=True))
+    return torch.cat(outs, dim=1).view(rows, length, heads, head_dim)
 
 
 def _report(backend: str) -> None:

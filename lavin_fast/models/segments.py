@@ -36,7 +36,6 @@ class Segments:
     attention_ids: Tensor                  # [R, L] int64, the attention segment of each slot
     cu_seqlens: Tensor                     # [A + 1] int32, attention segment bounds in R * L
     max_seqlen: int                        # longest attention segment
-    longest_sample: int                    # slots of the longest sample (a row's trailing pads included)
     isolate_first: bool
     # The padded layout (dense attention per row, routing per row). A field, not derived from
     # `lengths` where it is read: a compiled block then guards on this flag, not on the lengths.
@@ -45,6 +44,13 @@ class Segments:
     @property
     def num_samples(self) -> int:
         return self.first.numel()
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """The slots of each sample in flat order, a row's trailing pads in its last sample's: they
+        tile the R * L slots (host-side ints, no device sync)."""
+        length = self.positions.shape[1]
+        return tuple(span for row in self.lengths for span in (*row[:-1], row[-1] + length - sum(row)))
 
     @property
     def routing_index(self) -> Tensor | None:
@@ -69,13 +75,12 @@ class Segments:
         if start_pos and any(len(row) > 1 for row in lengths):
             raise ValueError("Segments: packed rows start at position 0 (no KV cache)")
         positions, sample_of, attention_ids, first, bounds = [], [], [], [], [0]
-        sample = longest_span = 0
+        sample = 0
         for index, row in enumerate(lengths):
             spans = list(row)
             spans[-1] += length - sum(row)            # trailing pads: the end of the last sample
             for span in spans:
                 first.append(len(positions))      # the flat index of the sample's first slot
-                longest_span = max(longest_span, span)
                 positions.extend(range(start_pos, start_pos + span))
                 sample_of.extend([sample] * span)
                 pieces = [1, span - 1] if isolate_first and span > 1 and start_pos == 0 else [span]
@@ -90,6 +95,6 @@ class Segments:
         return cls(lengths=lengths, positions=grid(positions), first=torch.tensor(first, device=device),
                    sample_of=grid(sample_of), attention_ids=grid(attention_ids),
                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
-                   max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])), longest_sample=longest_span,
+                   max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])),
                    isolate_first=isolate_first,
                    one_per_row=all(len(row) == 1 for row in lengths))
