@@ -150,6 +150,18 @@ def test_torchrun_data_parallel_keeps_the_global_batch(tmp_path, prepared, singl
         json.loads(line)["answer_tokens"] for line in (one / "log.jsonl").read_text().splitlines()]
 
 
+def test_torchrun_data_parallel_token_budget_logs_the_losses_of_one_process(tmp_path, prepared, single_no_dropout):
+    """DP=2 with --max-tokens: each rank cuts its half of a step by tokens (samples of about 70
+    tokens, so two or three micro-batches a rank, evened out across ranks for FSDP); the step's
+    loss is still the mean over all its answer tokens, that of one padded process."""
+    torchrun(2, "-m", "lavin_fast.train", *run_args(tmp_path, prepared, "--dp", "2", "--adapter-dropout", "0",
+                                                    "--max-len", "150", "--max-tokens", "150"))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx(log_losses(single_no_dropout), rel=1e-5)
+    assert all(0 < r["fill"] <= 1 and r["truncated"] == 0 for r in records)
+    assert_same_adapters(single_no_dropout / "adapters.safetensors", tmp_path / "adapters.safetensors", 1e-5)
+
+
 def test_a_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path, prepared, single):
     """Written at TP=2 (DCP, sharded), read back by one process at step 2: steps 3-4 then equal
     the unbroken one-process run's."""
