@@ -19,9 +19,14 @@ the buffers of each pipelined load from the TTGIR (`ttg.local_alloc` of N x tile
 - bytes in flight per SM: blocks/SM x the bytes of the streaming loads in loops (loads from the
   launch's largest loaded tensors: activations, or weights where those dominate), a pipelined
   load counting tile x buffers, a plain load one tile;
-- HBM bytes per call: every tensor a launch touches read or written once (re-reads within a
-  launch hit L2; a tensor touched by two launches is counted twice), plus the bytes in and out of
-  every other torch op of the call (weight reshapes, partial sums, casts), against the floor:
+- HBM bytes per call (`hbm_bytes`): each launch touches every tensor it is given once, or for a
+  launch over a chunk of rows (`row0`, `row1`) the chunk's rows of each tensor laid out by row;
+  a touch misses L2 (counts its bytes) unless the same range was touched before and everything
+  touched since, this launch's other ranges included, fits in 3/4 of L2 (LRU; 40 MB A100, 50 MB
+  H100/H200). That is the design the kernels are built for (chunks of rows whose x or dy is re-read
+  from L2, kernels/mm_adapter.py) checked against the cache size, not a measurement. Plus the
+  bytes in and out of every other torch op of the call (weight reshapes, partial sums, casts),
+  against the floor:
   MM-Adapter 2 M d e forward and 3 M d e backward (e = x's element size); neck M (d_in + d_out) e
   + weights forward, M (2 d_in + d_out) e + 2 x weights backward.
 
@@ -59,11 +64,12 @@ class Arch:
     sms: int
     smem_per_sm: int       # bytes usable by blocks
     example: str
+    l2_bytes: int
 
 
 ARCHS = {
-    80: Arch(80, "sm_80", 108, 164 * 1024, "A100"),
-    90: Arch(90, "sm_90a", 132, 228 * 1024, "H100/H200"),
+    80: Arch(80, "sm_80", 108, 164 * 1024, "A100", 40 << 20),
+    90: Arch(90, "sm_90a", 132, 228 * 1024, "H100/H200", 50 << 20),
 }
 REGISTERS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM, SMEM_RESERVED_PER_BLOCK = 65536, 64, 32, 1024
 
@@ -399,6 +405,44 @@ def _launch_bytes(launch: Launch) -> int:
     return sum(seen.values())
 
 
+def _touched(launch: Launch, rows: int) -> dict[tuple[int, int, int], int]:
+    """(storage, first byte, end byte) -> bytes of each range the launch touches: a tensor whose
+    leading dimensions hold the call's `rows` rows, in a launch over rows [row0, row1), only
+    those rows; any other tensor whole (deduplicated by storage)."""
+    row0, row1 = launch.args.get("row0"), launch.args.get("row1")
+    touched: dict[tuple[int, int, int], int] = {}
+    for tensor in _tensor_args(launch).values():
+        size = tensor.numel() * tensor.element_size()
+        leading = [int(torch.tensor(tensor.shape[:i + 1]).prod()) for i in range(tensor.dim())]
+        if isinstance(row0, int) and isinstance(row1, int) and rows in leading and tensor.is_contiguous():
+            per_row = size // rows
+            key = (tensor.data_ptr(), row0 * per_row, row1 * per_row)
+        else:
+            key = (tensor.data_ptr(), 0, size)
+        touched[key] = key[2] - key[1]
+    return touched
+
+
+def hbm_bytes(launches: list[Launch], rows: int, arch: Arch) -> int:
+    """The launches' modelled HBM traffic (see the module docstring): an LRU of the ranges
+    touched, a re-touch an L2 hit while everything touched since fits in 3/4 of L2."""
+    capacity = arch.l2_bytes * 3 // 4
+    recent: dict[tuple[int, int, int], int] = {}   # insertion order = least recently touched first
+    total = 0
+    for launch in launches:
+        touched = _touched(launch, rows)
+        others = sum(touched.values())
+        order = list(recent)
+        for key, size in touched.items():
+            since = sum(recent[k] for k in order[order.index(key):]) if key in recent else None
+            if since is None or since + others - size > capacity:
+                total += size
+        for key, size in touched.items():
+            recent.pop(key, None)
+            recent[key] = size
+    return total
+
+
 def streaming_loads(loads: list[Load], tensors: dict[str, torch.Tensor]) -> list[Load]:
     """The tile loads in loops that carry the launch's bytes: those from the tensors at least
     half the size of the largest tensor the kernel loads in a loop (activations; at decode or in
@@ -457,9 +501,11 @@ def report(arch: Arch, dtypes: list[torch.dtype], cases: list[Case] = CASES) -> 
                                    "is LAVIN_FAST_BACKEND honoured, or TRITON_INTERPRET set?")
             directions = ["fwd"] + (["bwd"] if case.phase == "train" else [])
             floor = sum(floor_bytes(case, dtype, d) for d in directions)
-            modelled = sum(_launch_bytes(l) for l in launches) + counter.bytes
             batch = case.shape[0]
             rows_m = batch * case.shape[1]
+            # The forward's and the backward's caches are apart: the rest of the model runs between.
+            modelled = (hbm_bytes(launches[:first_bwd], rows_m, arch) + hbm_bytes(launches[first_bwd:], rows_m, arch)
+                        + counter.bytes)
             for i, launch in enumerate(launches):
                 rows.append(dict(arch=arch.gpu_name, case=case.name, phase=case.phase, dtype=harness.DTYPE_NAMES[dtype],
                                  M=rows_m, d=case.shape[2], direction="bwd" if i >= first_bwd else "fwd",

@@ -2,7 +2,8 @@
 (sm_90): the kernels the public modules launch at LaVIN-7B training shapes (adapter at micro-batch
 4 x 512, d = 4096; neck at M = 24) compile in every dtype, spill nothing, and the launches that move
 the activations fill at least one wave and stream through multi-buffered loads (ENGINEERING.md,
-"Compiling for a GPU without one"). No GPU is needed; ptxas comes with the triton wheel."""
+"Compiling for a GPU without one"), and the modelled HBM traffic of a training call stays within
+10% of the floor in bf16. No GPU is needed; ptxas comes with the triton wheel."""
 from __future__ import annotations
 
 import csv
@@ -99,3 +100,15 @@ def test_main_adapter_launches_stream_through_multiple_buffers(report):
     single = [launch for launch in single if launch[1] != "up_kernel"]
     assert not single, (f"sm_{capability}: launches whose activation loads are not multi-buffered "
                         f"(dtype, kernel, num_stages, streams as tensor:tile/buffers): {single}")
+
+
+def test_modelled_hbm_traffic_of_a_bf16_training_call_is_near_the_floor(report):
+    """Forward and backward of the 7B adapter at micro-batch 4 in bf16: x and dy read from HBM
+    once (their second reads L2 hits by the chunking), within 10% of 5 M d e. Not asserted (known,
+    issue 11): fp16 at ~1.19 (its 128-wide d slices, the widest without spills for its tf32x3
+    products, write four times bf16's partials) and fp32 at 1.10-1.11."""
+    capability, _, rows = report
+    ratios = {float(r["HBM_over_floor"]) for r in rows
+              if r["case"] == "7B adapter" and r["phase"] == "train" and r["dtype"] == "bf16"}
+    assert len(ratios) == 1, ratios
+    assert 1.0 <= ratios.pop() <= 1.10, f"sm_{capability} bf16: modelled HBM bytes over the floor"
