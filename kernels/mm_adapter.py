@@ -83,8 +83,10 @@ from lavin_fast.backend import KERNEL_DTYPES, check_router_order, cpu_runs_nativ
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
 # accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
 # 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice;
-# bf16 takes 512-wide slices (168 registers, no spills), halving the partials' bytes.
-_GPU = dict(block_m=16, block_slice=256, block_m_up=32, block_d_up=128, num_warps_up=8, block_rows=64,
+# bf16 takes 512-wide slices (168 registers, no spills), halving the partials' bytes. _up streams
+# 64 x 128 tiles of x through two shared-memory buffers: 32 KB in flight per SM in 16-bit (one
+# block of 8 warps, 203-233 registers, no spills; 32-row tiles left 16 KB).
+_GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
             block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
 _PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32),
                   float16=dict(block_m_cols=16, block_d_cols=64, block_slice=128),
@@ -253,45 +255,45 @@ def _up_kernel(
     x_ptr, w_ptr, index_ptr, hd_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, y_ptr,
     row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP,
     stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we, scale,
-    TABLE_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
-    DOT16: tl.constexpr,
+    TABLE_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """Forward 3 of 3, grid (column blocks, row groups of the chunk): a program loads the grouped
-    up-projections and biases of its BLOCK_D columns once and streams BLOCKS_PER_GROUP row blocks:
-    y = x + s (hw U^T + w_0 u_0 + w_1 u_1), hw = [w_0 hd, w_1 hd] gathered from hd. x is read
-    the second time (evict_first: the chunk's last use). y [M, d] contiguous.
+    """Forward 3 of 3, grid (column blocks, row groups of the chunk): a program streams
+    BLOCKS_PER_GROUP row blocks of its BLOCK_D columns: y = x + s (w_0 (hd U_0^T + u_0) + w_1 (hd
+    U_1^T + u_1)), one rank-1 update per hidden unit (r of them; an entry of U is 0 off its
+    column's group). No tl.dot: Triton multi-buffers the loads of a loop without one when the
+    loop asks for stages (tl.range num_stages), and x's tile, the stream here, feeds no dot (with
+    hw U^T on tl.dot it was a plain load). The 2 r FMAs per element cost ~4 us at 7B micro-batch 4
+    on an H100's fp32 units, under the ~10 us the tile's bytes take. x is read the second time
+    (evict_first: the chunk's last use). y [M, d] contiguous.
 
-    HBM bytes per chunk: y written (Mc d e); x read again from L2 (Mc d e); the grouped weights
-    and biases from L2 once per row group (8 (r/g + 1) d G), hd from L2 (8 Mc r per column
-    block)."""
+    HBM bytes per chunk: y written (Mc d e); x read again from L2 (Mc d e); U's and u's columns
+    from L1/L2 per row block (8 (r + 1) BLOCK_D), hd from L2 (4 Mc r per column block)."""
     scale = tl.cast(scale, tl.float32)
     c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = c < D
-    k = tl.arange(0, K_PAD)
-    expert, unit = k // R, k % R
-    u_t = _grouped_up(b_w_ptr, d_w_ptr, c, c_ok, D_GROUP, R_GROUP, R, K_PAD)          # [K_PAD, BLOCK_D]
-    if DOT16:
-        u_t = u_t.to(x_ptr.dtype.element_ty)
+    group = c // D_GROUP
     u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
     last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
-    for m0 in range(first, last, BLOCK_M):
+    for m0 in tl.range(first, last, BLOCK_M, num_stages=NUM_STAGES):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < last
         _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
                                 stride_wr, stride_we, TABLE_ROW)
-        hd = tl.load(hd_ptr + rows[:, None] * R + unit[None, :], mask=row_ok[:, None] & (k < 2 * R)[None, :],
-                     other=0.0)
-        hw = hd * tl.where(expert[None, :] == 0, w0[:, None], w1[:, None])           # [BLOCK_M, K_PAD]
-        if DOT16:
-            up = tl.dot(hw.to(x_ptr.dtype.element_ty), u_t)
-        else:
-            up = tl.dot(hw, u_t, input_precision="ieee")
         tile_ok = row_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + _row_offsets(rows, N, stride_xb, stride_xn)[:, None] + c[None, :] * stride_xd,
                     mask=tile_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        y = x + scale * (up + w0[:, None] * u0[None, :] + w1[:, None] * u1[None, :])
+        sw0, sw1 = scale * w0, scale * w1
+        y = x + sw0[:, None] * u0[None, :] + sw1[:, None] * u1[None, :]
+        for unit in tl.static_range(HIDDEN):
+            hd = tl.load(hd_ptr + rows * R + unit, mask=row_ok, other=0.0)             # [BLOCK_M]
+            j = unit - group * R_GROUP                                                  # unit within c's group
+            in_group = c_ok & (j >= 0) & (j < R_GROUP)
+            ub = tl.load(b_w_ptr + c * R_GROUP + j, mask=in_group, other=0.0).to(tl.float32)
+            ud = tl.load(d_w_ptr + c * R_GROUP + j, mask=in_group, other=0.0).to(tl.float32)
+            y += (sw0 * hd)[:, None] * ub[None, :] + (sw1 * hd)[:, None] * ud[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -732,7 +734,7 @@ def mm_adapter_forward(
     cfg = launch_config(x, config)
     programs = cfg["waves"] * _target.sm_count(x.device, cfg["sms"])
     has_router = router is not None
-    r_pad, k_pad = _pads(hidden, has_router)
+    r_pad, _ = _pads(hidden, has_router)
     down_weight, down_bias = down_weight.contiguous(), down_bias.contiguous()      # no copy for parameters
     weights = [w.contiguous() for w in (up_b_weight, up_d_weight, up_b_bias, up_d_bias)]
     router_weight, router_bias = (router.weight.contiguous(), router.bias) if has_router else (x, x)  # x: never read
@@ -775,8 +777,7 @@ def mm_adapter_forward(
             x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, table.stride(0), table.stride(1),
             float(scale),
             TABLE_ROW=_table_row(routing_index, router), BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],
-            K_PAD=k_pad, DOT16=cfg["dot16"] and x.dtype != torch.float32, num_warps=cfg["num_warps_up"],
-            num_stages=cfg["num_stages"],
+            HIDDEN=hidden, NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps_up"],
         )
     return y, hd, table
 
