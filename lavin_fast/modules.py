@@ -129,9 +129,12 @@ class MMAdapter(nn.Module):
                 self.last_routing = None
                 return x.clone()
             router_rows, index = self.router_layout(x, first)
+            # Rows and index of this adapter's own layout are valid by construction: their value
+            # checks (device syncs) only run for a caller's `first` and routing_index.
             y, table = adapter(routing_index=routing_index if first is not None else index,
                                router_weight=self.expert_weights.weight, router_bias=self.expert_weights.bias,
-                               temperature=self.temperature, router_rows=router_rows)
+                               temperature=self.temperature, router_rows=router_rows,
+                               check_values=first is not None)
             if self.routing == "token":          # a table row per row
                 table = table.view(*x.shape[:2], 2)
             elif self.routing == "batch0":       # a table row per position, sample 0's

@@ -7,7 +7,8 @@ Inputs are checked here, once, for both backends: a wrong shape, dtype or device
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ def mm_adapter(
     groups: int = 2,
     scale: float = 1.0,
     dropout: float = 0.0,
+    check_values: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The MM-Adapter on tensors held by the caller, in the reference's parameter shapes.
 
@@ -71,8 +73,10 @@ def mm_adapter(
       before every row reading it (the kernels compute the table in their first pass over x,
       in chunks of rows). The kernels compute the logits in their first pass over x and the
       router's gradient with the rest: no separate pass over x, no full-size temporary.
-    Index and router rows are checked in eager mode (one device sync per call), not inside
-    torch.compile.
+    Index and router rows are checked in eager mode, not inside torch.compile: a device sync,
+    so each tensor is checked once while it is not modified in place (the same index and rows
+    serve every adapter of a model's forward: 64 in LaVIN-7B). `check_values=False` skips it for
+    rows and index the caller built valid (MMAdapter's own layout).
 
     `dropout` is the probability of zeroing a hidden unit (0 in eval). Under `torch.autocast`
     the op runs in the autocast dtype (x cast to it, the weights read as they are). Returns y
@@ -122,9 +126,10 @@ def mm_adapter(
         table_rows = routing.shape[0]
         tensors.update(routing=routing)
     if routing_index is not None:
-        _check_routing_index(op, routing_index, table_rows, x)
-    if has_router and router_rows is not None:
-        check_router_rows(op, router_rows, routing_index, x)
+        _check_routing_index(op, routing_index, table_rows, x, check_values)
+    if has_router and router_rows is not None and check_values and not torch.compiler.is_compiling():
+        _once(router_rows, tuple(x.shape[:2]), lambda: check_router_rows(op, router_rows, routing_index, x),
+              related=routing_index)
     _expect_floating(op, x=x, **tensors)
     _expect_same_device(op, x, **tensors)
 
@@ -202,10 +207,44 @@ def check_router_rows(op: str, rows: Tensor, routing_index: Tensor | None, x: Te
     check_router_order(op, rows, routing_index, x.shape[1])
 
 
-def _check_routing_index(op: str, routing_index: Tensor, table_rows: int, x: Tensor) -> None:
+# id(tensor) -> (a weak reference to it, the check's context, its version, the related tensor's
+# weak reference and version) for tensors whose values passed a check. Keyed by id, not by the
+# tensor (a tensor's == is elementwise); an entry leaves with its tensor.
+_CHECKED: dict[int, tuple] = {}
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place version counter (None for an inference tensor, which keeps none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _once(tensor: Tensor, context: tuple, check: Callable[[], None], related: Tensor | None = None) -> None:
+    """check() unless `tensor` passed it in the same context, neither it nor `related` (a tensor
+    the check also reads) modified or replaced since. Inference tensors are checked every time."""
+    version = _version(tensor)
+    related_state = None if related is None else (related, _version(related))
+    cached = _CHECKED.get(id(tensor))
+    if cached is not None and version is not None and cached[0]() is tensor and cached[1:3] == (context, version):
+        if related is None and cached[3] is None:
+            return
+        if related is not None and cached[3] is not None and cached[3][0]() is related \
+                and related_state[1] is not None and cached[3][1] == related_state[1]:
+            return
+    check()
+    if version is not None:
+        key = id(tensor)
+        _CHECKED[key] = (weakref.ref(tensor, lambda _, key=key: _CHECKED.pop(key, None)), context, version,
+                         None if related is None else (weakref.ref(related), related_state[1]))
+
+
+def _check_routing_index(op: str, routing_index: Tensor, table_rows: int, x: Tensor,
+                         check_values: bool = True) -> None:
     """routing_index: integer [B, N] on x's device with every value a row of the routing table
     ([table_rows, 2]); anything else is a ValueError (an out-of-range index would read past the
-    table)."""
+    table). The values only with `check_values`, once per tensor (`_once`)."""
     batch, tokens = x.shape[:2]
     if routing_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: routing_index must be int32 or int64, got {routing_index.dtype}")
@@ -214,11 +253,15 @@ def _check_routing_index(op: str, routing_index: Tensor, table_rows: int, x: Ten
     # The value check reads the index on the host: a sync, and under torch.compile a graph break
     # in every adapter (11 recompiles in 20 packed steps, tests/test_compile.py). A compiled
     # graph checks shapes, dtypes and devices here and trusts the values.
-    if routing_index.numel() and not torch.compiler.is_compiling():
-        low, high = (int(v) for v in torch.aminmax(routing_index))
-        if low < 0 or high >= table_rows:
-            raise ValueError(f"{op}: routing_index values must be in [0, {table_rows}) (rows of routing), "
-                             f"got values in [{low}, {high}]")
+    if routing_index.numel() and check_values and not torch.compiler.is_compiling():
+        _once(routing_index, (table_rows,), lambda: _check_index_values(op, routing_index, table_rows))
+
+
+def _check_index_values(op: str, routing_index: Tensor, table_rows: int) -> None:
+    low, high = (int(v) for v in torch.aminmax(routing_index))
+    if low < 0 or high >= table_rows:
+        raise ValueError(f"{op}: routing_index values must be in [0, {table_rows}) (rows of routing), "
+                         f"got values in [{low}, {high}]")
 
 
 def visual_neck(

@@ -661,6 +661,27 @@ def test_functional_rejects_a_bad_routing_index(backend_name, index, match):
         mm_adapter(**functional_args(routing=torch.full((5, 3), 0.5)), routing_index=torch.zeros(2, 3, dtype=torch.int64))
 
 
+def test_value_checks_run_once_per_tensor_and_again_after_a_change():
+    """The index and router rows are checked once (a device sync each) while unmodified: an
+    in-place edit, or the rows read with another index, is checked again."""
+    index = torch.tensor([[0, 1, 4], [2, 2, 0]])
+    args = dict(functional_args(routing=torch.full((5, 2), 0.5)), routing_index=index)
+    with backend("torch"):
+        mm_adapter(**args)
+        index[0, 2] = 5                      # in place: out of the table's rows now
+        with pytest.raises(ValueError, match=r"routing_index values must be in \[0, 5\)"):
+            mm_adapter(**args)
+        router = dict(functional_args(), router_weight=torch.randn(2, 8), router_bias=torch.randn(2), temperature=1.0)
+        del router["routing"]
+        rows = torch.tensor([0, 4])
+        mm_adapter(**router, router_rows=rows, routing_index=torch.tensor([[0, 0, 0], [0, 1, 1]]))
+        with pytest.raises(ValueError, match="row 3 of x reads a table row whose source row 4 comes after it"):
+            mm_adapter(**router, router_rows=rows, routing_index=torch.tensor([[0, 0, 0], [1, 1, 1]]))
+        rows[1] = 6
+        with pytest.raises(ValueError, match="router_rows values must be flat rows"):
+            mm_adapter(**router, router_rows=rows, routing_index=torch.tensor([[0, 0, 0], [0, 1, 1]]))
+
+
 @pytest.mark.parametrize("index", ["per_sample", "per_token", "arbitrary"])
 def test_functional_routing_index_matches_the_conv_reference_per_row(index):
     """ops.mm_adapter with a routing table and index, both backends, against the reference code's
