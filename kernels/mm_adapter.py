@@ -62,7 +62,7 @@ from torch import Tensor
 from lavin_fast import native, reference
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
-from lavin_fast.backend import KERNEL_DTYPES, check_router_order, cpu_runs_native
+from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cpu_runs_native
 
 # Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
 # that every kernel compiles for sm_80 and sm_90 without spills, the main launches at 7B
@@ -708,7 +708,8 @@ def mm_adapter_forward(
 
     Chunks: a chunk's `_up_kernel` reads table rows computed by its own or an earlier chunk's
     `_hidden_kernel`, so each table row's source row must come at or before every row reading
-    it (a sample's first token does); checked here when there are several chunks (a sync).
+    it (a sample's first token does); checked here when there are several chunks (a sync, once
+    per rows tensor: `backend.check_once`).
 
     HBM bytes, M = B N, e = x's element size, fp32 weights, S = d slices, G = row groups of
     `_down_kernel`, W = r (r + 4 with the router): x read once (M d e: the second read, in
@@ -752,7 +753,9 @@ def mm_adapter_forward(
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     chunks = _chunks(rows, dim, x.element_size(), cfg)
     if has_router and router.rows is not None and len(chunks) > 1:
-        check_router_order("mm_adapter kernel", router.rows, routing_index, tokens)
+        check_once("router order", router.rows, (tokens,),
+                   lambda: check_router_order("mm_adapter kernel", router.rows, routing_index, tokens),
+                   related=routing_index)
     for row0, row1 in chunks:
         groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _down_kernel[(slices, groups)](

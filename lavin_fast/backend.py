@@ -16,6 +16,8 @@ Beneath both `lavin_fast.ops` and the kernels (`kernels/`), which read it.
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,3 +102,38 @@ def check_router_order(op: str, rows: Tensor, routing_index: Tensor | None, toke
         raise ValueError(f"{op}: router_rows: row {int(readers.flatten()[at])} of x reads a table row whose source "
                          f"row {int(sources.flatten()[at])} comes after it; a table row's source row must be at or "
                          "before every row reading it (e.g. a sample's first token)")
+
+
+# (check, id(tensor)) -> (a weak reference to the tensor, the check's context, its version, the
+# related tensor's weak reference and version) for tensors whose values passed a check. Keyed by
+# id, not by the tensor (a tensor's == is elementwise); an entry leaves with its tensor.
+_CHECKED: dict[tuple[str, int], tuple] = {}
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place version counter (None for an inference tensor, which keeps none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def check_once(name: str, tensor: Tensor, context: tuple, check: Callable[[], None],
+               related: Tensor | None = None) -> None:
+    """check() (a value check of `tensor`, a device sync) unless `tensor` passed the check `name`
+    in the same context, neither it nor `related` (a tensor the check also reads) modified or
+    replaced since: the same index and router rows serve every adapter of a forward (64 in
+    LaVIN-7B). Inference tensors (no version counter) are checked every time."""
+    version, related_version = _version(tensor), None if related is None else _version(related)
+    key = (name, id(tensor))
+    cached = _CHECKED.get(key)
+    if cached is not None and version is not None and cached[0]() is tensor and cached[1:3] == (context, version):
+        if related is None and cached[3] is None:
+            return
+        if (related is not None and cached[3] is not None and cached[3][0]() is related
+                and related_version is not None and cached[3][1] == related_version):
+            return
+    check()
+    if version is not None:
+        _CHECKED[key] = (weakref.ref(tensor, lambda _, key=key: _CHECKED.pop(key, None)), context, version,
+                         None if related is None else (weakref.ref(related), related_version))

@@ -68,6 +68,7 @@ class MMAdapter(nn.Module):
         self.conv_D = nn.Conv1d(hidden_dim, dim, 1, groups=groups)
         self.expert_weights = nn.Linear(dim, 2)
         self.last_routing: Tensor | None = None
+        self._layouts: dict[tuple, tuple[Tensor, Tensor | None]] = {}   # router_layout's, per shape
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,12 +93,23 @@ class MMAdapter(nn.Module):
         batch, tokens = x.shape[:2]
         if first is not None:
             return first, None
-        if self.routing == "cls":
-            return torch.arange(batch, device=x.device) * tokens, None
         if self.routing == "token":
             return None, None
-        positions = torch.arange(tokens, device=x.device)
-        return positions, positions.expand(batch, tokens)
+        # The same tensors for the same shape (eagerly): the kernels check the rows' order once
+        # per tensor (a device sync), not at every call.
+        key = (self.routing, batch, tokens, x.device)
+        layout = None if torch.compiler.is_compiling() else self._layouts.get(key)
+        if layout is None:
+            if self.routing == "cls":
+                layout = torch.arange(batch, device=x.device) * tokens, None
+            else:
+                positions = torch.arange(tokens, device=x.device)
+                layout = positions, positions.expand(batch, tokens)
+            if not torch.compiler.is_compiling():
+                if len(self._layouts) >= 8:   # a few shapes at a time (padded lengths vary per batch)
+                    self._layouts.clear()
+                self._layouts[key] = layout
+        return layout
 
     def forward(self, x: Tensor, weights: Tensor | None = None, routing_index: Tensor | None = None, *,
                 first: Tensor | None = None) -> Tensor:

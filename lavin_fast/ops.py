@@ -7,14 +7,13 @@ Inputs are checked here, once, for both backends: a wrong shape, dtype or device
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from lavin_fast import reference
-from lavin_fast.backend import check_router_order, select_backend
+from lavin_fast.backend import check_once, check_router_order, select_backend
 
 def _expect_shape(op: str, name: str, tensor: Tensor, shape: Sequence[int]) -> None:
     if tuple(tensor.shape) != tuple(shape):
@@ -128,8 +127,8 @@ def mm_adapter(
     if routing_index is not None:
         _check_routing_index(op, routing_index, table_rows, x, check_values)
     if has_router and router_rows is not None and check_values and not torch.compiler.is_compiling():
-        _once(router_rows, tuple(x.shape[:2]), lambda: check_router_rows(op, router_rows, routing_index, x),
-              related=routing_index)
+        check_once("router_rows", router_rows, tuple(x.shape[:2]),
+                   lambda: check_router_rows(op, router_rows, routing_index, x), related=routing_index)
     _expect_floating(op, x=x, **tensors)
     _expect_same_device(op, x, **tensors)
 
@@ -207,44 +206,11 @@ def check_router_rows(op: str, rows: Tensor, routing_index: Tensor | None, x: Te
     check_router_order(op, rows, routing_index, x.shape[1])
 
 
-# id(tensor) -> (a weak reference to it, the check's context, its version, the related tensor's
-# weak reference and version) for tensors whose values passed a check. Keyed by id, not by the
-# tensor (a tensor's == is elementwise); an entry leaves with its tensor.
-_CHECKED: dict[int, tuple] = {}
-
-
-def _version(tensor: Tensor) -> int | None:
-    """The in-place version counter (None for an inference tensor, which keeps none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def _once(tensor: Tensor, context: tuple, check: Callable[[], None], related: Tensor | None = None) -> None:
-    """check() unless `tensor` passed it in the same context, neither it nor `related` (a tensor
-    the check also reads) modified or replaced since. Inference tensors are checked every time."""
-    version = _version(tensor)
-    related_state = None if related is None else (related, _version(related))
-    cached = _CHECKED.get(id(tensor))
-    if cached is not None and version is not None and cached[0]() is tensor and cached[1:3] == (context, version):
-        if related is None and cached[3] is None:
-            return
-        if related is not None and cached[3] is not None and cached[3][0]() is related \
-                and related_state[1] is not None and cached[3][1] == related_state[1]:
-            return
-    check()
-    if version is not None:
-        key = id(tensor)
-        _CHECKED[key] = (weakref.ref(tensor, lambda _, key=key: _CHECKED.pop(key, None)), context, version,
-                         None if related is None else (weakref.ref(related), related_state[1]))
-
-
 def _check_routing_index(op: str, routing_index: Tensor, table_rows: int, x: Tensor,
                          check_values: bool = True) -> None:
     """routing_index: integer [B, N] on x's device with every value a row of the routing table
     ([table_rows, 2]); anything else is a ValueError (an out-of-range index would read past the
-    table). The values only with `check_values`, once per tensor (`_once`)."""
+    table). The values only with `check_values`, once per tensor (`backend.check_once`)."""
     batch, tokens = x.shape[:2]
     if routing_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: routing_index must be int32 or int64, got {routing_index.dtype}")
@@ -254,7 +220,8 @@ def _check_routing_index(op: str, routing_index: Tensor, table_rows: int, x: Ten
     # in every adapter (11 recompiles in 20 packed steps, tests/test_compile.py). A compiled
     # graph checks shapes, dtypes and devices here and trusts the values.
     if routing_index.numel() and check_values and not torch.compiler.is_compiling():
-        _once(routing_index, (table_rows,), lambda: _check_index_values(op, routing_index, table_rows))
+        check_once("routing_index", routing_index, (table_rows,),
+                   lambda: _check_index_values(op, routing_index, table_rows))
 
 
 def _check_index_values(op: str, routing_index: Tensor, table_rows: int) -> None:

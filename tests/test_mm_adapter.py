@@ -968,6 +968,27 @@ def test_module_routes_every_mode_inside_the_op(routing):
         torch.testing.assert_close(grads[name].double(), grads64[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_kernel_checks_the_router_rows_order_across_chunks_once_per_tensor():
+    """Several chunks: a table row must be computed (by its source row's chunk) before a later
+    row reads it. The launch checks that itself (callers may skip ops), once per rows tensor:
+    a late source row is a clear error, fixed in place it passes."""
+    params, _ = router_problem(2, 40, 32, 8, torch.float32, seed=2)
+    x, a_w, a_b, b_w, b_b, d_w, d_b, r_w, r_b = params.values()
+    weights = (a_w.squeeze(-1), a_b, b_w.squeeze(-1), b_b, d_w.squeeze(-1), d_b)
+    rows = torch.tensor([0, 50], device=DEVICE)            # sample 1 starts at row 40, routed by row 50
+    config = dict(chunk_bytes=16 * 32 * 4)                 # 16-row chunks: 5 of them
+    with pytest.raises(ValueError, match="row 40 of x reads a table row whose source row 50 comes after it"):
+        kernel.mm_adapter_forward(x, *weights, None, None, 1.0, router=kernel.Router(r_w, r_b, 2.0, rows),
+                                  config=config)
+    rows[1] = 40
+    y, _, table = kernel.mm_adapter_forward(x, *weights, None, None, 1.0, router=kernel.Router(r_w, r_b, 2.0, rows),
+                                            config=config)
+    with backend("torch"):
+        expected, expected_table = mm_adapter(**params, temperature=2.0, router_rows=rows)
+    torch.testing.assert_close(table, expected_table, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["per_token", "packed"])
 def test_op_registration_with_the_router_passes_opcheck(kind):
     """The router's schema (three optional tensors and the temperature), its fakes (the table
