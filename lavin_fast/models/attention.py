@@ -8,7 +8,7 @@ nothing is computed across samples). Elsewhere (a CPU, fp32/fp64, torch 2.6-2.9)
 runs LaVIN's own causal attention (`isolated_first_attention`) on its own slice of the rows,
 one call per sample: the samples' own causal squares and no padding (gathering them into one
 batch padded to the longest, the second version, did the padded layout's attention work, which
-at the tiny preset's widths is most of the step: packed ran 1.0x padded, now 1.48x; a mask over
+at the tiny preset's widths is most of the step: packed ran 1.0x padded, now 1.54x; a mask over
 the whole row's square, the first, 1.4x the pairs). That loop stays out of torch.compile. FlexAttention was not chosen: fast only under torch.compile,
 with a block mask to build per batch; nested jagged tensors were not: their SDPA backward
 depends on the torch version and backend.
