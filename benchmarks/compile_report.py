@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import math
 import os
 import re
 import subprocess
@@ -413,7 +414,7 @@ def _touched(launch: Launch, rows: int) -> dict[tuple[int, int, int], int]:
     touched: dict[tuple[int, int, int], int] = {}
     for tensor in _tensor_args(launch).values():
         size = tensor.numel() * tensor.element_size()
-        leading = [int(torch.tensor(tensor.shape[:i + 1]).prod()) for i in range(tensor.dim())]
+        leading = [math.prod(tensor.shape[:i + 1]) for i in range(tensor.dim())]
         if isinstance(row0, int) and isinstance(row1, int) and rows in leading and tensor.is_contiguous():
             per_row = size // rows
             key = (tensor.data_ptr(), row0 * per_row, row1 * per_row)

@@ -389,7 +389,7 @@ std::vector<at::Tensor> mm_adapter_bwd(
   const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous(), hd = hd_in.contiguous();
   const int64_t M = p.M, d = p.d, r = p.r, rg = p.rg, n = p.n;
   const Partial layout(p);
-  const int64_t n_chunks = (M + chunk_rows(M) - 1) / chunk_rows(M);
+  const int64_t chunk = chunk_rows(M), n_chunks = (M + chunk - 1) / chunk;
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor partials = at::empty({n_chunks, layout.total}, x.options().dtype(at::kFloat));
   at::Tensor dw_rows = at::empty({M, 2}, x.options().dtype(at::kFloat));

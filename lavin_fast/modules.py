@@ -96,8 +96,9 @@ class MMAdapter(nn.Module):
         if self.routing == "token":
             return None, None
         # The same tensors for the same shape (eagerly): the kernels check the rows' order once
-        # per tensor (a device sync), not at every call.
-        key = (self.routing, batch, tokens, x.device)
+        # per tensor (a device sync), not at every call. Those made under inference_mode are
+        # kept apart (autograd cannot save an inference tensor).
+        key = (self.routing, batch, tokens, x.device, torch.is_inference_mode_enabled())
         layout = None if torch.compiler.is_compiling() else self._layouts.get(key)
         if layout is None:
             if self.routing == "cls":

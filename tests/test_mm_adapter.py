@@ -938,6 +938,20 @@ def test_functional_rejects_a_bad_router(backend_name, overrides, match):
         mm_adapter(**args)
 
 
+@pytest.mark.parametrize("routing", ["cls", "batch0"])
+def test_module_trains_after_running_under_inference_mode(routing):
+    """The module reuses its router layout per shape; one made under torch.inference_mode (an
+    inference tensor, which autograd cannot save) is not the one a training call gets."""
+    module = MMAdapter(16, hidden_dim=4, groups=2, routing=routing).to(DEVICE)
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    with backend("triton"):
+        with torch.inference_mode():
+            module(x)
+        x.requires_grad_()
+        module(x).sum().backward()
+    assert x.grad is not None and module.expert_weights.weight.grad is not None
+
+
 @pytest.mark.parametrize("routing", ["cls", "token", "batch0", "packed"])
 def test_module_routes_every_mode_inside_the_op(routing):
     """MMAdapter's router runs in the op for every mode (no separate router pass: the kernel
