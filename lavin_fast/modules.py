@@ -98,15 +98,16 @@ class MMAdapter(nn.Module):
         # The same tensors for the same shape (eagerly): the kernels check the rows' order once
         # per tensor (a device sync), not at every call. Those made under inference_mode are
         # kept apart (autograd cannot save an inference tensor).
-        key = (self.routing, batch, tokens, x.device, torch.is_inference_mode_enabled())
-        layout = None if torch.compiler.is_compiling() else self._layouts.get(key)
+        eager = not torch.compiler.is_compiling()
+        key = (self.routing, batch, tokens, x.device, torch.is_inference_mode_enabled()) if eager else None
+        layout = self._layouts.get(key) if eager else None
         if layout is None:
             if self.routing == "cls":
                 layout = torch.arange(batch, device=x.device) * tokens, None
             else:
                 positions = torch.arange(tokens, device=x.device)
                 layout = positions, positions.expand(batch, tokens)
-            if not torch.compiler.is_compiling():
+            if eager:
                 if len(self._layouts) >= 8:   # a few shapes at a time (padded lengths vary per batch)
                     self._layouts.clear()
                 self._layouts[key] = layout
