@@ -20,7 +20,8 @@ shapes are CPU_SHAPES and the results `mm_adapter_cpu`. `--quick` on a CPU runs 
 in the interpreter instead (a check that the benchmark runs, not a measurement).
 
 Modes: fwd (as in training: inputs require grad), fwdbwd (forward and every gradient), and for the
-raw kernels bwd (the backward launch alone). Decode shapes (one token per sample) are forward only.
+raw kernels bwd (the backward launch alone). Decode shapes (one token per sample) are forward only,
+under torch.inference_mode and without dropout (as in generation): per-call overhead shows there.
 Bytes counted at the floor (ENGINEERING.md): forward reads x and writes y (2 M d e), backward
 reads dy and x and writes dx (3 M d e), M = B N tokens, e bytes/element; GB/s = floor bytes / time,
 and its fraction of the copy bandwidth measured in the same run. Each row is written to the CSV as
@@ -51,7 +52,7 @@ GROUPS, HIDDEN, SCALE = 2, 8, 1.0
 FULL_SHAPES = [("7B", 4, 512, 4096), ("7B", 32, 512, 4096), ("13B", 4, 512, 5120), ("ViT-L", 32, 257, 1024),
                ("7B decode", 8, 1, 4096)]
 QUICK_SHAPES = [("quick", 2, 9, 96), ("quick decode", 3, 1, 96)]
-CPU_SHAPES = [("ViT-L", 8, 257, 1024), ("cpu", 8, 512, 1024)]
+CPU_SHAPES = [("ViT-L", 8, 257, 1024), ("cpu", 8, 512, 1024), ("7B decode", 8, 1, 4096)]
 FLOOR_ELEMENTS = {"fwd": 2, "bwd": 3, "fwdbwd": 5}   # x-sized tensors moved at the floor
 
 
@@ -104,6 +105,11 @@ def raw_launch(function, **available):
     return lambda: function(**kwargs)
 
 
+def inference(forward, x):
+    with torch.inference_mode():
+        return forward(x)
+
+
 def providers(module, x, routing, decode, native_cpu=False):
     """name -> {mode: closure to time}; with `native_cpu` the module runs the native C++ kernel
     and the raw Triton launches are left out."""
@@ -118,10 +124,10 @@ def providers(module, x, routing, decode, native_cpu=False):
     dy = torch.randn_like(x)
 
     def autograd_modes(forward, params):
-        modes = {"fwd": lambda: forward(xg)}
-        if not decode:
-            modes["fwdbwd"] = lambda: torch.autograd.grad(forward(xg), [xg, *params], dy)
-        return modes
+        if decode:   # generation: no autograd, as under generate()
+            return {"fwd": lambda: inference(forward, x)}
+        return {"fwd": lambda: forward(xg),
+                "fwdbwd": lambda: torch.autograd.grad(forward(xg), [xg, *params], dy)}
 
     def module_with(dropout):
         def forward(inp):
@@ -131,7 +137,7 @@ def providers(module, x, routing, decode, native_cpu=False):
 
     addmm = lambda inp: reference.mm_adapter(inp, routing_g, *lowp.values(), SCALE)  # noqa: E731
     name = "native" if native_cpu else "module"
-    out = {name: module_with(0.0), f"{name}_dropout": module_with(0.1)}
+    out = {name: module_with(0.0)} if decode else {name: module_with(0.0), f"{name}_dropout": module_with(0.1)}
     if not native_cpu:
         arguments = dict(x=x, routing=routing, routing_index=None, scale=SCALE, config=None, **weights)
         raw_forward = raw_launch(kernels.mm_adapter_forward, **arguments)

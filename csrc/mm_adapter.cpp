@@ -61,7 +61,7 @@ void dropout_row(uint64_t seed, int64_t m, int64_t r, float p, float* out) {
 // Everything both passes read, as fp32 contiguous tensors (a few hundred KB at most).
 struct Params {
   int64_t batch, tokens, M, d, r, rg, groups, dg, n, a_chunks, g_chunks, table_rows;
-  at::Tensor a_w, a_b, up, a_panel, up_panel, routing, index;   // up: [n, d] = U_0^T, U_1^T, u_0, u_1
+  at::Tensor a_w, a_b, ub_w, ud_w, ub, ud, a_panel, up_panel, routing, index;
   double scale;
 
   int64_t table_row(int64_t m) const {
@@ -71,9 +71,39 @@ struct Params {
     return t;
   }
   const float* group_panel(int64_t k) const { return up_panel.data_ptr<float>() + k * g_chunks * n * kW; }
+  // Row u of the up weights [U_0^T; U_1^T; u_0; u_1] ([n, d]) at column c: the columns past a
+  // group's last whole chunk, which run scalar.
+  float up_at(int64_t u, int64_t c) const {
+    if (u < rg) return ub_w.data_ptr<float>()[c * rg + u];
+    if (u < 2 * rg) return ud_w.data_ptr<float>()[c * rg + u - rg];
+    return (u == 2 * rg ? ub : ud).data_ptr<float>()[c];
+  }
 };
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// The up weights as group panels [groups, dg/W, n, W] (vec_rows.h), straight from their stored
+// layouts: per chunk of W columns, U_0 and U_1 ([d, rg] row-major) transposed by strided
+// gathers, u_0 and u_1 loaded as they are. Vector moves only: the scalar transpose through an
+// [n, d] copy it replaced took 30 us a call at d = 4096 (perf), most of a decode step's kernel.
+void pack_up_panels(const Params& p, float* out) {
+  const float *Ub = p.ub_w.data_ptr<float>(), *Ud = p.ud_w.data_ptr<float>(), *ub = p.ub.data_ptr<float>(),
+              *ud = p.ud.data_ptr<float>();
+  using IndexVec = at::vec::Vectorized<int32_t>;
+  const IndexVec lanes = IndexVec::arange(0, static_cast<int32_t>(p.rg));   // lane i reads row c0 + i
+  for (int64_t k = 0; k < p.groups; ++k) {
+    for (int64_t v = 0; v < p.g_chunks; ++v) {
+      const int64_t c0 = k * p.dg + v * kW;
+      float* panel = out + ((k * p.g_chunks + v) * p.n) * kW;
+      for (int64_t j = 0; j < p.rg; ++j) {
+        at::vec::gather<sizeof(float)>(Ub + c0 * p.rg + j, lanes).store(panel + j * kW);
+        at::vec::gather<sizeof(float)>(Ud + c0 * p.rg + j, lanes).store(panel + (p.rg + j) * kW);
+      }
+      Vec::loadu(ub + c0).store(panel + 2 * p.rg * kW);
+      Vec::loadu(ud + c0).store(panel + (2 * p.rg + 1) * kW);
+    }
+  }
+}
 
 Params params(const at::Tensor& x, const at::Tensor& a_w, const std::optional<at::Tensor>& a_b,
               const at::Tensor& ub_w, const at::Tensor& ub, const at::Tensor& ud_w, const at::Tensor& ud,
@@ -94,22 +124,12 @@ Params params(const at::Tensor& x, const at::Tensor& a_w, const std::optional<at
   p.groups = r / rg, p.dg = d / p.groups, p.n = 2 * rg + 2, p.a_chunks = d / kW, p.g_chunks = p.dg / kW;
   p.table_rows = routing.size(0);
   p.a_w = f32(a_w), p.a_b = a_b ? f32(*a_b) : at::Tensor();
+  p.ub_w = f32(ub_w), p.ud_w = f32(ud_w), p.ub = f32(ub), p.ud = f32(ud);
   // Plain loops, not ATen ops: a dozen small ops cost ~0.1 ms a call, the whole forward at M = 64.
-  const at::Tensor ub_w32 = f32(ub_w), ud_w32 = f32(ud_w), ub32 = f32(ub), ud32 = f32(ud);
-  p.up = at::empty({p.n, d}, x.options().dtype(at::kFloat));
-  float* up = p.up.data_ptr<float>();
-  const float *Ub = ub_w32.data_ptr<float>(), *Ud = ud_w32.data_ptr<float>();
-  for (int64_t c = 0; c < d; ++c) {
-    for (int64_t j = 0; j < rg; ++j) up[j * d + c] = Ub[c * rg + j], up[(rg + j) * d + c] = Ud[c * rg + j];
-  }
-  std::copy(ub32.data_ptr<float>(), ub32.data_ptr<float>() + d, up + 2 * rg * d);
-  std::copy(ud32.data_ptr<float>(), ud32.data_ptr<float>() + d, up + (2 * rg + 1) * d);
-  p.a_panel = at::empty({p.a_chunks, r, kW}, p.up.options());
+  p.a_panel = at::empty({p.a_chunks, r, kW}, x.options().dtype(at::kFloat));
   pack_panels(p.a_w.data_ptr<float>(), r, d, 0, p.a_chunks, p.a_panel.data_ptr<float>());
-  p.up_panel = at::empty({p.groups, p.g_chunks, p.n, kW}, p.up.options());
-  for (int64_t k = 0; k < p.groups; ++k) {
-    pack_panels(up, p.n, d, k * p.dg, p.g_chunks, p.up_panel.data_ptr<float>() + k * p.g_chunks * p.n * kW);
-  }
+  p.up_panel = at::empty({p.groups, p.g_chunks, p.n, kW}, p.a_panel.options());
+  pack_up_panels(p, p.up_panel.data_ptr<float>());
   p.routing = f32(routing);
   if (routing_index) {
     TORCH_CHECK(routing_index->sizes() == x.sizes().slice(0, 2), "mm_adapter (native): routing_index must be [",
@@ -137,7 +157,7 @@ template <typename scalar_t>
 void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds, float dropout_p, uint64_t seed) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg;
-  const float *A = p.a_w.data_ptr<float>(), *a = p.a_b.data_ptr<float>(), *up = p.up.data_ptr<float>(),
+  const float *A = p.a_w.data_ptr<float>(), *a = p.a_b.data_ptr<float>(),
               *A_panel = p.a_panel.data_ptr<float>(), *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
   const int64_t blocks = (p.M + kRows - 1) / kRows;
@@ -194,7 +214,7 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
           for (int64_t q = 0; q < rows; ++q) {
             const float* cq = coef.data() + (q * groups + k) * n;
             float sum = xb[q * d + c];
-            for (int64_t u = 0; u < n; ++u) sum += cq[u] * up[u * d + c];
+            for (int64_t u = 0; u < n; ++u) sum += cq[u] * p.up_at(u, c);
             yb[q * d + c] = sum;
           }
         }
@@ -262,7 +282,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg;
   const Partial layout(p);
-  const float *A = p.a_w.data_ptr<float>(), *up = p.up.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(),
+  const float *A = p.a_w.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(),
               *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
@@ -300,7 +320,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           for (int64_t k = 0; k < groups; ++k) {
             for (int64_t u = 0; u < n; ++u) {
               float sum = lane_sum(acc[(q * groups + k) * n + u]);
-              for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) sum += g[c] * up[u * d + c];
+              for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) sum += g[c] * p.up_at(u, c);
               dot_u[u] = sum;
             }
             for (int64_t j = 0; j < rg; ++j) dhw0[k * rg + j] = s * dot_u[j], dhw1[k * rg + j] = s * dot_u[rg + j];
@@ -435,7 +455,7 @@ std::vector<at::Tensor> mm_adapter_bwd(
     }
   }
   std::copy_n(t + layout.da, r, da.data_ptr<float>());
-  for (int64_t c = 0; c < d; ++c) {   // row u of the up gradients (as p.up: U_0^T, U_1^T, u_0, u_1) at column c
+  for (int64_t c = 0; c < d; ++c) {   // row u of the up gradients (as Params::up_at: U_0^T, U_1^T, u_0, u_1) at column c
     const int64_t k = c / p.dg, column = c - k * p.dg, v = column / kW, tail = column - p.g_chunks * kW;
     auto up_grad = [&](int64_t u) {
       return v < p.g_chunks ? t[layout.dU_panel + ((k * p.g_chunks + v) * n + u) * kW + column % kW]

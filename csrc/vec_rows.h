@@ -138,7 +138,7 @@ inline float lane_sum(const Vec& v) {
 // w [n, cols] (fp32, row-major) as panels over columns [c0, c0 + chunks kW): out [chunks, n, kW].
 inline void pack_panels(const float* w, int64_t n, int64_t cols, int64_t c0, int64_t chunks, float* out) {
   for (int64_t v = 0; v < chunks; ++v) {
-    for (int64_t u = 0; u < n; ++u) std::copy_n(w + u * cols + c0 + v * kW, kW, out + (v * n + u) * kW);
+    for (int64_t u = 0; u < n; ++u) Vec::loadu(w + u * cols + c0 + v * kW).store(out + (v * n + u) * kW);
   }
 }
 

@@ -917,9 +917,8 @@ def _router_rows_backward(x: Tensor, dx: Tensor, table: Tensor, d_table: Tensor,
         sources = x.reshape(-1, dim)
         dx.view(-1, dim).add_((dz @ router.weight.float()).to(dx.dtype))
     else:
-        flat = router.rows.long()
-        sources = x[flat // x.shape[1], flat % x.shape[1]]                                    # [T, d]
-        dx.view(-1, dim).index_add_(0, flat, (dz @ router.weight.float()).to(dx.dtype))
+        sources = reference.source_rows(x, router.rows)                                       # [T, d]
+        dx.view(-1, dim).index_add_(0, router.rows, (dz @ router.weight.float()).to(dx.dtype))
     return [dz.T @ sources.float(), dz.sum(0)]
 
 
