@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import test_mm_adapter as adapter_tests
@@ -54,7 +54,15 @@ def native_mask(seed, params, p):
        scale=st.floats(0.05, 4.0), seed=st.integers(0, 2**31 - 2), dtype=st.sampled_from(DTYPES),
        p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
        layout=st.sampled_from(["contiguous", "contiguous", "sequence_first", "strided"]),
-       groups=st.sampled_from([1, 2, 2]), index=st.sampled_from(["none", "none", "per_token", "arbitrary"]))
+       groups=st.sampled_from([1, 2, 2]),
+       index=st.sampled_from(["none", "none", "per_sample", "per_token", "arbitrary"]))
+# Both forms of the up-projection: few table rows (the experts mixed per table row; blocks of 16
+# rows straddling samples, d = 250 leaving columns past the last whole chunk) and per-token rows
+# (the experts' own panels).
+@example(batch=3, tokens=37, dim=250, hidden=8, scale=0.7, seed=5, dtype=torch.float32, p=0.1,
+         layout="contiguous", groups=1, index="per_sample")
+@example(batch=3, tokens=37, dim=250, hidden=8, scale=0.7, seed=5, dtype=torch.float32, p=0.1,
+         layout="contiguous", groups=1, index="per_token")
 def test_adapter_forward_and_every_gradient_match_the_reference(batch, tokens, dim, hidden, scale, seed, dtype, p,
                                                                 layout, groups, index):
     """Odd d (groups 1), N = 1, rows past one weight-gradient block (64), fp32/bf16/fp16, every
