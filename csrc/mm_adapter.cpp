@@ -19,7 +19,10 @@
 // (columns past the last whole chunk of W, for odd d, run scalar on the plain weights). A block
 // of kRows rows streams past an L1-sized tile of a panel, so the weights are read from L2 once
 // per block, not once per row (per row they were 72 KB of L2 traffic at d = 1024 against 4 KB of
-// x: the first version ran at 1.6 us per row, compute-side, perf).
+// x: the first version ran at 1.6 us per row, compute-side, perf). Where each table row serves
+// many rows (per-sample routing) both passes first mix the two experts into one panel per table
+// row (4 T (r/g + 1) d bytes): 13 d FMAs a row forward instead of 18 d, ~25 d backward instead of
+// 36 d at r = 8, g = 2 (forward_rows, spread_run_sums).
 //
 // Memory: each block of x (dy) is read from RAM once and used from L2 for its second pass (up
 // after down forward; dx and the weight gradients after dy U backward). Forward moves 2 M d e
@@ -332,19 +335,75 @@ int64_t chunk_rows(int64_t M) {
   return std::clamp<int64_t>(target, 64, 512);
 }
 
+// With mixed panels (the forward's condition), per run of rows reading one table row t the
+// experts' gradients come from two sums over the run, G = [hd_k.; 1]^T dy per group's columns
+// ([rg + 1] panel rows, accumulated as the forward's coefficients):
+//     dU_e^T += s w_e G_j,  du_e += s w_e G_rg;   dw_e(t) += s <G, [U_e^T; u_e]>
+// and dh = (dy . mixed_t) * mask: (rg + r + r + rg + 1) d FMAs per row and 4 (rg + 1) d per run,
+// against (n + 2 r + n) d per row on the experts' panels (25 d + a run's share against 36 d at
+// r = 8, g = 2). The run's routing gradient goes to its first row (its other rows add 0), so the
+// table's row-order sum is unchanged.
+// A run's sums G (run_sums: [groups, g_chunks, rg + 1, W], then [groups, rg + 1, g_tail]) onto
+// the partial's up panels and tails (rows j and rg + j: s w_e G_j; 2 rg and 2 rg + 1: s w_e G_rg)
+// and the run's routing gradient dw_e = s <G, [U_e^T; u_e]> into its first row of dw_rows
+// (the run's other rows 0).
+void spread_run_sums(const Params& p, const Partial& layout, int64_t t, const float* run_sums, float* part,
+                     float* dw_run, int64_t run_rows) {
+  const int64_t rg = p.rg, n = p.n, m = rg + 1;
+  const float s = static_cast<float>(p.scale);
+  const float sw0 = s * p.routing.data_ptr<float>()[2 * t], sw1 = s * p.routing.data_ptr<float>()[2 * t + 1];
+  const Vec vw0(sw0), vw1(sw1);
+  Vec dw0(0.0f), dw1(0.0f);
+  for (int64_t chunk = 0; chunk < p.groups * p.g_chunks; ++chunk) {   // (group, column chunk)
+    const float* G = run_sums + chunk * m * kW;
+    const float* E = p.up_panel.data_ptr<float>() + chunk * n * kW;
+    float* P = part + layout.dU_panel + chunk * n * kW;
+    for (int64_t u = 0; u < m; ++u) {
+      const int64_t e0 = u < rg ? u : 2 * rg, e1 = u < rg ? rg + u : 2 * rg + 1;   // its rows of each expert
+      const Vec g = Vec::loadu(G + u * kW);
+      at::vec::fmadd(vw0, g, Vec::loadu(P + e0 * kW)).store(P + e0 * kW);
+      at::vec::fmadd(vw1, g, Vec::loadu(P + e1 * kW)).store(P + e1 * kW);
+      dw0 = at::vec::fmadd(g, Vec::loadu(E + e0 * kW), dw0);
+      dw1 = at::vec::fmadd(g, Vec::loadu(E + e1 * kW), dw1);
+    }
+  }
+  float dw0_sum = lane_sum(dw0), dw1_sum = lane_sum(dw1);
+  const float* tails = run_sums + p.groups * p.g_chunks * m * kW;
+  for (int64_t k = 0; k < p.groups; ++k) {
+    for (int64_t column = 0; column < layout.g_tail; ++column) {
+      const int64_t c = k * p.dg + p.g_chunks * kW + column;
+      for (int64_t u = 0; u < m; ++u) {
+        const int64_t e0 = u < rg ? u : 2 * rg, e1 = u < rg ? rg + u : 2 * rg + 1;
+        const float g = tails[(k * m + u) * layout.g_tail + column];
+        part[layout.dU_tail + (k * n + e0) * layout.g_tail + column] += sw0 * g;
+        part[layout.dU_tail + (k * n + e1) * layout.g_tail + column] += sw1 * g;
+        dw0_sum += g * p.up_at(e0, c), dw1_sum += g * p.up_at(e1, c);
+      }
+    }
+  }
+  dw_run[0] = s * dw0_sum, dw_run[1] = s * dw1_sum;
+  std::fill(dw_run + 2, dw_run + 2 * run_rows, 0.0f);
+}
+
 template <typename scalar_t>
 void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, const float* hds, scalar_t* dxs,
                      float* partials, float* dw_rows, float dropout_p, uint64_t seed) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg;
+  const int64_t d = p.d, r = p.r, rg = p.rg, n = p.n, groups = p.groups, dg = p.dg, m = rg + 1;
   const Partial layout(p);
-  const float *A = p.a_w.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(),
-              *w = p.routing.data_ptr<float>();
+  const float *A = p.a_w.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(), *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
+  const at::Tensor mixed = p.table_rows * kRowsPerMixedPanel <= p.M ? mixed_panels(p) : at::Tensor();
+  const float* mixed_base = mixed.defined() ? mixed.data_ptr<float>() : nullptr;
+  auto mixed_tile = [&](int64_t t, int64_t k, int64_t v0) {
+    return mixed_base + ((t * groups + k) * p.g_chunks + v0) * m * kW;
+  };
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
     std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);
+    std::vector<float> run_sums(mixed_base ? groups * (p.g_chunks * m * kW + m * layout.g_tail) : 0);
+    std::vector<int64_t> table(kRows);
     std::vector<Vec> acc(kRows * groups * n);
     for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
       float* part = partials + ci * layout.total;
@@ -355,47 +414,72 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
         const float* dyb = rows_as_float(dys, m0, rows, d, dy_buf.data());
         const float* xb = rows_as_float(xs, m0, rows, d, x_buf.data());
         float* dxb = kFloat ? reinterpret_cast<float*>(dxs) + m0 * d : dx_buf.data();
-        // pass 1: dy . up_u, group by group, tile by tile
+        for (int64_t q = 0; q < rows; ++q) table[q] = p.table_row(m0 + q);
+        // pass 1: dy . mixed_t (rg per group) or dy . up_u (n per group), tile by tile
         std::fill(acc.begin(), acc.end(), Vec(0.0f));
         for (int64_t k = 0; k < groups; ++k) {
-          const float* panel = p.group_panel(k);
           for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
             const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
             for (int64_t q = 0; q < rows; ++q) {
-              in_runs(n, [&](auto run, int64_t u0) {
-                panel_dots<decltype(run)::value>(dyb + q * d + c, panel + (v0 * n + u0) * kW, n, chunks,
-                                                 acc.data() + (q * groups + k) * n + u0);
-              });
+              Vec* out = acc.data() + (q * groups + k) * n;
+              if (mixed_base) {
+                in_runs(rg, [&](auto run, int64_t u0) {
+                  panel_dots<decltype(run)::value>(dyb + q * d + c, mixed_tile(table[q], k, v0) + u0 * kW, m, chunks,
+                                                   out + u0);
+                });
+              } else {
+                in_runs(n, [&](auto run, int64_t u0) {
+                  panel_dots<decltype(run)::value>(dyb + q * d + c, p.group_panel(k) + (v0 * n + u0) * kW, n, chunks,
+                                                   out + u0);
+                });
+              }
             }
           }
         }
         for (int64_t q = 0; q < rows; ++q) {
-          const int64_t m = m0 + q;
-          const float *g = dyb + q * d, *hd = hds + m * r;
-          float dot_u0 = 0.0f, dot_u1 = 0.0f;
-          for (int64_t k = 0; k < groups; ++k) {
-            for (int64_t u = 0; u < n; ++u) {
-              float sum = lane_sum(acc[(q * groups + k) * n + u]);
-              for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) sum += g[c] * p.up_at(u, c);
-              dot_u[u] = sum;
-            }
-            for (int64_t j = 0; j < rg; ++j) dhw0[k * rg + j] = s * dot_u[j], dhw1[k * rg + j] = s * dot_u[rg + j];
-            dot_u0 += dot_u[2 * rg], dot_u1 += dot_u[2 * rg + 1];
-          }
-          float dw0 = s * dot_u0, dw1 = s * dot_u1;
-          for (int64_t i = 0; i < r; ++i) dw0 += hd[i] * dhw0[i], dw1 += hd[i] * dhw1[i];
-          dw_rows[2 * m] = dw0, dw_rows[2 * m + 1] = dw1;
-          const int64_t t = p.table_row(m);
+          const int64_t row = m0 + q, t = table[q];
+          const float *g = dyb + q * d, *hd = hds + row * r;
           const float w0 = w[2 * t], w1 = w[2 * t + 1];
-          if (dropout_p > 0) dropout_row(seed, m, r, dropout_p, mask.data());
-          for (int64_t i = 0; i < r; ++i) {
-            dh[q * r + i] = (w0 * dhw0[i] + w1 * dhw1[i]) * (dropout_p > 0 ? mask[i] : 1.0f);
-            part[layout.da + i] += dh[q * r + i];
+          if (dropout_p > 0) dropout_row(seed, row, r, dropout_p, mask.data());
+          if (mixed_base) {   // dh = (dy . mixed_t) * mask; the routing gradient per run, below
+            for (int64_t k = 0; k < groups; ++k) {
+              for (int64_t j = 0; j < rg; ++j) {
+                float sum = lane_sum(acc[(q * groups + k) * n + j]);
+                for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {
+                  sum += g[c] * s * (w0 * p.up_at(j, c) + w1 * p.up_at(rg + j, c));
+                }
+                dhw0[k * rg + j] = sum;
+              }
+            }
+            for (int64_t i = 0; i < r; ++i) dh[q * r + i] = dhw0[i] * (dropout_p > 0 ? mask[i] : 1.0f);
+          } else {
+            float dot_u0 = 0.0f, dot_u1 = 0.0f;
+            for (int64_t k = 0; k < groups; ++k) {
+              for (int64_t u = 0; u < n; ++u) {
+                float sum = lane_sum(acc[(q * groups + k) * n + u]);
+                for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) sum += g[c] * p.up_at(u, c);
+                dot_u[u] = sum;
+              }
+              for (int64_t j = 0; j < rg; ++j) dhw0[k * rg + j] = s * dot_u[j], dhw1[k * rg + j] = s * dot_u[rg + j];
+              dot_u0 += dot_u[2 * rg], dot_u1 += dot_u[2 * rg + 1];
+            }
+            float dw0 = s * dot_u0, dw1 = s * dot_u1;
+            for (int64_t i = 0; i < r; ++i) dw0 += hd[i] * dhw0[i], dw1 += hd[i] * dhw1[i];
+            dw_rows[2 * row] = dw0, dw_rows[2 * row + 1] = dw1;
+            for (int64_t i = 0; i < r; ++i) {
+              dh[q * r + i] = (w0 * dhw0[i] + w1 * dhw1[i]) * (dropout_p > 0 ? mask[i] : 1.0f);
+            }
           }
-          for (int64_t k = 0; k < groups; ++k) {
+          for (int64_t i = 0; i < r; ++i) part[layout.da + i] += dh[q * r + i];
+          for (int64_t k = 0; k < groups; ++k) {   // pass 2b's coefficients: (hd, 1) mixed, else s w_e (hd, 1)
             float* cq = coef.data() + (q * groups + k) * n;
-            for (int64_t j = 0; j < rg; ++j) cq[j] = s * w0 * hd[k * rg + j], cq[rg + j] = s * w1 * hd[k * rg + j];
-            cq[2 * rg] = s * w0, cq[2 * rg + 1] = s * w1;
+            if (mixed_base) {
+              for (int64_t j = 0; j < rg; ++j) cq[j] = hd[k * rg + j];
+              cq[rg] = 1.0f;
+            } else {
+              for (int64_t j = 0; j < rg; ++j) cq[j] = s * w0 * hd[k * rg + j], cq[rg + j] = s * w1 * hd[k * rg + j];
+              cq[2 * rg] = s * w0, cq[2 * rg + 1] = s * w1;
+            }
           }
         }
         // pass 2a: dx = dy + dh A and dA += dh^T x, tile by tile of A's panel
@@ -424,24 +508,37 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
             part[layout.dA_tail + i * layout.a_tail + (c - p.a_chunks * kW)] += sum;
           }
         }
-        // pass 2b: the up panels += coef^T dy (dU_e^T, du_e), group by group
-        for (int64_t k = 0; k < groups; ++k) {
-          float* dU_panel = part + layout.dU_panel + k * p.g_chunks * n * kW;
-          for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
-            const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
-            in_runs(n, [&](auto run, int64_t u0) {
-              panel_accumulate<decltype(run)::value>(dyb + c, d, rows, coef.data() + k * n + u0, groups * n, chunks,
-                                                     dU_panel + (v0 * n + u0) * kW, n);
-            });
-          }
-          for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {
-            const int64_t column = c - k * dg - p.g_chunks * kW;
-            for (int64_t u = 0; u < n; ++u) {
-              float sum = 0.0f;
-              for (int64_t q = 0; q < rows; ++q) sum += coef[(q * groups + k) * n + u] * dyb[q * d + c];
-              part[layout.dU_tail + (k * n + u) * layout.g_tail + column] += sum;
+        // pass 2b: coef^T dy, group by group: into the up panels (experts' form), or per run of
+        // rows reading one table row into its sums G, then spread onto the experts (mixed form).
+        for (int64_t q0 = 0, q1; q0 < rows; q0 = q1) {
+          q1 = q0 + 1;
+          while (mixed_base && q1 < rows && table[q1] == table[q0]) ++q1;
+          if (!mixed_base) q1 = rows;
+          const int64_t run_rows = q1 - q0, u_rows = mixed_base ? m : n;
+          if (mixed_base) std::fill(run_sums.begin(), run_sums.end(), 0.0f);
+          for (int64_t k = 0; k < groups; ++k) {
+            float* sums = mixed_base ? run_sums.data() + k * p.g_chunks * m * kW
+                                     : part + layout.dU_panel + k * p.g_chunks * n * kW;
+            float* tail_sums = mixed_base ? run_sums.data() + groups * p.g_chunks * m * kW + k * m * layout.g_tail
+                                          : part + layout.dU_tail + k * n * layout.g_tail;
+            const float* cq = coef.data() + (q0 * groups + k) * n;
+            for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
+              const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
+              in_runs(u_rows, [&](auto run, int64_t u0) {
+                panel_accumulate<decltype(run)::value>(dyb + q0 * d + c, d, run_rows, cq + u0, groups * n, chunks,
+                                                       sums + (v0 * u_rows + u0) * kW, u_rows);
+              });
+            }
+            for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {
+              const int64_t column = c - k * dg - p.g_chunks * kW;
+              for (int64_t u = 0; u < u_rows; ++u) {
+                float sum = 0.0f;
+                for (int64_t q = q0; q < q1; ++q) sum += coef[(q * groups + k) * n + u] * dyb[q * d + c];
+                tail_sums[u * layout.g_tail + column] += sum;
+              }
             }
           }
+          if (mixed_base) spread_run_sums(p, layout, table[q0], run_sums.data(), part, dw_rows + 2 * (m0 + q0), run_rows);
         }
         if constexpr (!kFloat) at::vec::convert(dxb, dxs + m0 * d, rows * d);
       }
