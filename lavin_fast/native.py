@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +32,12 @@ _VECTOR_FLAGS = {
                "-mavx512dq", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
+
+# at::parallel_for runs its threads only where the extension itself is compiled and linked with
+# OpenMP (ATen/ParallelOpenMP.h is header code under #ifdef _OPENMP): without it every kernel ran
+# on one thread whatever torch.set_num_threads said. The link resolves to the libgomp torch
+# already loaded (same soname), so both share one thread pool and its thread count.
+_OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 
 
 class NativeUnavailable(RuntimeError):
@@ -74,11 +81,23 @@ def build() -> None:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-std=c++17", *_VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-    cpp_extension.load(
-        name="lavin_fast_native", sources=[str(source_dir() / name) for name in SOURCES],
-        extra_cflags=flags, extra_include_paths=[str(source_dir())], build_directory=str(folder),
-        is_python_module=False, verbose=False,
-    )
+
+    def load(openmp: list[str]) -> None:
+        cpp_extension.load(
+            name="lavin_fast_native", sources=[str(source_dir() / name) for name in SOURCES],
+            extra_cflags=flags + openmp, extra_ldflags=openmp, extra_include_paths=[str(source_dir())],
+            build_directory=str(folder), is_python_module=False, verbose=False,
+        )
+
+    try:
+        load(_OPENMP_FLAGS)
+    except Exception as error:
+        if not _OPENMP_FLAGS:
+            raise
+        # A compiler without OpenMP (clang without libomp): the kernels on one thread.
+        LOG.warning("lavin_fast: native CPU kernels built without OpenMP (one thread each): %s",
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        load([])
 
 
 @functools.cache
