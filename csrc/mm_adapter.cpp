@@ -41,6 +41,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "vec_rows.h"
@@ -167,28 +168,46 @@ uint64_t seed_of(double dropout_p, const std::optional<at::Tensor>& seed) {
 // and saves (n - rg - 1) d per row reading it).
 constexpr int64_t kRowsPerMixedPanel = 16;
 
-// mixed_t for every table row: [T, groups, g_chunks, rg + 1, W].
-at::Tensor mixed_panels(const Params& p) {
-  const int64_t m = p.rg + 1, per_row = p.groups * p.g_chunks * m * kW;
-  at::Tensor mixed = at::empty({p.table_rows, per_row}, p.up_panel.options());
-  const float *w = p.routing.data_ptr<float>(), *up = p.up_panel.data_ptr<float>();
-  float* out = mixed.data_ptr<float>();
-  const float s = static_cast<float>(p.scale);
-  at::parallel_for(0, p.table_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Vec w0(s * w[2 * t]), w1(s * w[2 * t + 1]);
-      for (int64_t chunk = 0; chunk < p.groups * p.g_chunks; ++chunk) {   // (group, column chunk)
-        const float* e = up + chunk * p.n * kW;
-        float* o = out + t * per_row + chunk * m * kW;
-        for (int64_t j = 0; j < p.rg; ++j) {
-          (w0 * Vec::loadu(e + j * kW) + w1 * Vec::loadu(e + (p.rg + j) * kW)).store(o + j * kW);
-        }
-        (w0 * Vec::loadu(e + 2 * p.rg * kW) + w1 * Vec::loadu(e + (2 * p.rg + 1) * kW)).store(o + p.rg * kW);
-      }
-    }
-  });
-  return mixed;
+// Row u < rg + 1 of a mixed panel mixes rows (e0, e1) of the experts' panel: (j, rg + j) for
+// U^T's column j, (2 rg, 2 rg + 1) for the biases.
+inline std::pair<int64_t, int64_t> expert_rows(int64_t u, int64_t rg) {
+  return u < rg ? std::pair<int64_t, int64_t>{u, rg + u} : std::pair<int64_t, int64_t>{2 * rg, 2 * rg + 1};
 }
+
+// mixed_t for every table row, [T, groups, g_chunks, rg + 1, W], where it pays
+// (kRowsPerMixedPanel); else empty, and the passes run on the experts' panels.
+struct MixedPanels {
+  at::Tensor panels;
+  const float* base = nullptr;   // nullptr: not mixed
+  int64_t groups = 0, g_chunks = 0, m = 0;
+
+  explicit MixedPanels(const Params& p) {
+    if (p.table_rows * kRowsPerMixedPanel > p.M) return;
+    groups = p.groups, g_chunks = p.g_chunks, m = p.rg + 1;
+    const int64_t per_row = groups * g_chunks * m * kW;
+    panels = at::empty({p.table_rows, per_row}, p.up_panel.options());
+    const float *w = p.routing.data_ptr<float>(), *up = p.up_panel.data_ptr<float>();
+    float* out = panels.data_ptr<float>();
+    const float s = static_cast<float>(p.scale);
+    at::parallel_for(0, p.table_rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const Vec w0(s * w[2 * t]), w1(s * w[2 * t + 1]);
+        for (int64_t chunk = 0; chunk < groups * g_chunks; ++chunk) {   // (group, column chunk)
+          const float* e = up + chunk * p.n * kW;
+          float* o = out + t * per_row + chunk * m * kW;
+          for (int64_t u = 0; u < m; ++u) {
+            const auto [e0, e1] = expert_rows(u, p.rg);
+            (w0 * Vec::loadu(e + e0 * kW) + w1 * Vec::loadu(e + e1 * kW)).store(o + u * kW);
+          }
+        }
+      }
+    });
+    base = panels.data_ptr<float>();
+  }
+  explicit operator bool() const { return base != nullptr; }
+  // The tile of table row t's panel for group k from column chunk v0.
+  const float* tile(int64_t t, int64_t k, int64_t v0) const { return base + ((t * groups + k) * g_chunks + v0) * m * kW; }
+};
 
 template <typename scalar_t>
 void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds, float dropout_p, uint64_t seed) {
@@ -197,8 +216,7 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
   const float *A = p.a_w.data_ptr<float>(), *a = p.a_b.data_ptr<float>(),
               *A_panel = p.a_panel.data_ptr<float>(), *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
-  const at::Tensor mixed = p.table_rows * kRowsPerMixedPanel <= p.M ? mixed_panels(p) : at::Tensor();
-  const float* mixed_base = mixed.defined() ? mixed.data_ptr<float>() : nullptr;
+  const MixedPanels mixed(p);
   const int64_t blocks = (p.M + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> x_buf(kFloat ? 0 : kRows * d), y_buf(kFloat ? 0 : kRows * d), mask(r),
@@ -244,16 +262,16 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
       // (the whole block at once on the experts' panels).
       for (int64_t q0 = 0, q1; q0 < rows; q0 = q1) {
         q1 = q0 + 1;
-        while (mixed_base && q1 < rows && table[q1] == table[q0]) ++q1;
-        if (!mixed_base) q1 = rows;
+        while (mixed && q1 < rows && table[q1] == table[q0]) ++q1;
+        if (!mixed) q1 = rows;
         const int64_t run_rows = q1 - q0;
         for (int64_t k = 0; k < groups; ++k) {
           for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
             const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
             const float* x_run = xb + q0 * d + c;
             float* y_run = yb + q0 * d + c;
-            if (mixed_base) {
-              const float* tile = mixed_base + ((table[q0] * groups + k) * p.g_chunks + v0) * m * kW;
+            if (mixed) {
+              const float* tile = mixed.tile(table[q0], k, v0);
               in_runs(m, [&](auto run, int64_t u0) {
                 panel_combine_rows<decltype(run)::value>(run_rows, u0 == 0 ? x_run : y_run, d, tile + u0 * kW, m,
                                                          hcoef.data() + (q0 * groups + k) * m + u0, groups * m,
@@ -359,7 +377,7 @@ void spread_run_sums(const Params& p, const Partial& layout, int64_t t, const fl
     const float* E = p.up_panel.data_ptr<float>() + chunk * n * kW;
     float* P = part + layout.dU_panel + chunk * n * kW;
     for (int64_t u = 0; u < m; ++u) {
-      const int64_t e0 = u < rg ? u : 2 * rg, e1 = u < rg ? rg + u : 2 * rg + 1;   // its rows of each expert
+      const auto [e0, e1] = expert_rows(u, rg);
       const Vec g = Vec::loadu(G + u * kW);
       at::vec::fmadd(vw0, g, Vec::loadu(P + e0 * kW)).store(P + e0 * kW);
       at::vec::fmadd(vw1, g, Vec::loadu(P + e1 * kW)).store(P + e1 * kW);
@@ -373,7 +391,7 @@ void spread_run_sums(const Params& p, const Partial& layout, int64_t t, const fl
     for (int64_t column = 0; column < layout.g_tail; ++column) {
       const int64_t c = k * p.dg + p.g_chunks * kW + column;
       for (int64_t u = 0; u < m; ++u) {
-        const int64_t e0 = u < rg ? u : 2 * rg, e1 = u < rg ? rg + u : 2 * rg + 1;
+        const auto [e0, e1] = expert_rows(u, rg);
         const float g = tails[(k * m + u) * layout.g_tail + column];
         part[layout.dU_tail + (k * n + e0) * layout.g_tail + column] += sw0 * g;
         part[layout.dU_tail + (k * n + e1) * layout.g_tail + column] += sw1 * g;
@@ -393,16 +411,12 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
   const Partial layout(p);
   const float *A = p.a_w.data_ptr<float>(), *A_panel = p.a_panel.data_ptr<float>(), *w = p.routing.data_ptr<float>();
   const float s = static_cast<float>(p.scale);
-  const at::Tensor mixed = p.table_rows * kRowsPerMixedPanel <= p.M ? mixed_panels(p) : at::Tensor();
-  const float* mixed_base = mixed.defined() ? mixed.data_ptr<float>() : nullptr;
-  auto mixed_tile = [&](int64_t t, int64_t k, int64_t v0) {
-    return mixed_base + ((t * groups + k) * p.g_chunks + v0) * m * kW;
-  };
+  const MixedPanels mixed(p);
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
     std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);
-    std::vector<float> run_sums(mixed_base ? groups * (p.g_chunks * m * kW + m * layout.g_tail) : 0);
+    std::vector<float> run_sums(mixed ? groups * (p.g_chunks * m * kW + m * layout.g_tail) : 0);
     std::vector<int64_t> table(kRows);
     std::vector<Vec> acc(kRows * groups * n);
     for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
@@ -422,9 +436,9 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
             const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
             for (int64_t q = 0; q < rows; ++q) {
               Vec* out = acc.data() + (q * groups + k) * n;
-              if (mixed_base) {
+              if (mixed) {
                 in_runs(rg, [&](auto run, int64_t u0) {
-                  panel_dots<decltype(run)::value>(dyb + q * d + c, mixed_tile(table[q], k, v0) + u0 * kW, m, chunks,
+                  panel_dots<decltype(run)::value>(dyb + q * d + c, mixed.tile(table[q], k, v0) + u0 * kW, m, chunks,
                                                    out + u0);
                 });
               } else {
@@ -441,17 +455,16 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           const float *g = dyb + q * d, *hd = hds + row * r;
           const float w0 = w[2 * t], w1 = w[2 * t + 1];
           if (dropout_p > 0) dropout_row(seed, row, r, dropout_p, mask.data());
-          if (mixed_base) {   // dh = (dy . mixed_t) * mask; the routing gradient per run, below
+          if (mixed) {   // dh = (dy . mixed_t) * mask; the routing gradient per run, below
             for (int64_t k = 0; k < groups; ++k) {
               for (int64_t j = 0; j < rg; ++j) {
                 float sum = lane_sum(acc[(q * groups + k) * n + j]);
                 for (int64_t c = k * dg + p.g_chunks * kW; c < (k + 1) * dg; ++c) {
                   sum += g[c] * s * (w0 * p.up_at(j, c) + w1 * p.up_at(rg + j, c));
                 }
-                dhw0[k * rg + j] = sum;
+                dh[q * r + k * rg + j] = sum * (dropout_p > 0 ? mask[k * rg + j] : 1.0f);
               }
             }
-            for (int64_t i = 0; i < r; ++i) dh[q * r + i] = dhw0[i] * (dropout_p > 0 ? mask[i] : 1.0f);
           } else {
             float dot_u0 = 0.0f, dot_u1 = 0.0f;
             for (int64_t k = 0; k < groups; ++k) {
@@ -473,7 +486,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           for (int64_t i = 0; i < r; ++i) part[layout.da + i] += dh[q * r + i];
           for (int64_t k = 0; k < groups; ++k) {   // pass 2b's coefficients: (hd, 1) mixed, else s w_e (hd, 1)
             float* cq = coef.data() + (q * groups + k) * n;
-            if (mixed_base) {
+            if (mixed) {
               for (int64_t j = 0; j < rg; ++j) cq[j] = hd[k * rg + j];
               cq[rg] = 1.0f;
             } else {
@@ -512,14 +525,14 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
         // rows reading one table row into its sums G, then spread onto the experts (mixed form).
         for (int64_t q0 = 0, q1; q0 < rows; q0 = q1) {
           q1 = q0 + 1;
-          while (mixed_base && q1 < rows && table[q1] == table[q0]) ++q1;
-          if (!mixed_base) q1 = rows;
-          const int64_t run_rows = q1 - q0, u_rows = mixed_base ? m : n;
-          if (mixed_base) std::fill(run_sums.begin(), run_sums.end(), 0.0f);
+          while (mixed && q1 < rows && table[q1] == table[q0]) ++q1;
+          if (!mixed) q1 = rows;
+          const int64_t run_rows = q1 - q0, u_rows = mixed ? m : n;
+          if (mixed) std::fill(run_sums.begin(), run_sums.end(), 0.0f);
           for (int64_t k = 0; k < groups; ++k) {
-            float* sums = mixed_base ? run_sums.data() + k * p.g_chunks * m * kW
+            float* sums = mixed ? run_sums.data() + k * p.g_chunks * m * kW
                                      : part + layout.dU_panel + k * p.g_chunks * n * kW;
-            float* tail_sums = mixed_base ? run_sums.data() + groups * p.g_chunks * m * kW + k * m * layout.g_tail
+            float* tail_sums = mixed ? run_sums.data() + groups * p.g_chunks * m * kW + k * m * layout.g_tail
                                           : part + layout.dU_tail + k * n * layout.g_tail;
             const float* cq = coef.data() + (q0 * groups + k) * n;
             for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
@@ -538,7 +551,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
               }
             }
           }
-          if (mixed_base) spread_run_sums(p, layout, table[q0], run_sums.data(), part, dw_rows + 2 * (m0 + q0), run_rows);
+          if (mixed) spread_run_sums(p, layout, table[q0], run_sums.data(), part, dw_rows + 2 * (m0 + q0), run_rows);
         }
         if constexpr (!kFloat) at::vec::convert(dxb, dxs + m0 * d, rows * d);
       }
