@@ -25,7 +25,9 @@
 // 36 d at r = 8, g = 2 (forward_rows, spread_run_sums).
 //
 // Memory: each block of x (dy) is read from RAM once and used from L2 for its second pass (up
-// after down forward; dx and the weight gradients after dy U backward). Forward moves 2 M d e
+// after down forward; dx and the weight gradients after dy U backward); the next block is
+// prefetched while this one computes, and a large y (dx) is written with streaming stores, which
+// skip the read of each line a plain store does first (vec_rows.h, kStreamBytes). Forward moves 2 M d e
 // bytes (e = element size) + 4 M r (hd) + the weights; backward 3 M d e (dy, x, dx) + 4 M r (hd)
 // + per chunk of rows one fp32 partial of the weight gradients (4 (r d + 2 d r/g + 2 d + r)
 // bytes, written and summed once).
@@ -218,6 +220,10 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
   const float s = static_cast<float>(p.scale);
   const MixedPanels mixed(p);
   const int64_t blocks = (p.M + kRows - 1) / kRows;
+  // y streams past the caches when large (vec_rows.h) and each chunk of it is stored once (one run
+  // of panel rows); 16-bit outputs are converted from a buffer instead.
+  bool stream = false;
+  if constexpr (kFloat) stream = stream_rows(ys, p.M, d, dg) && (mixed ? m : n) <= kMaxRun;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> x_buf(kFloat ? 0 : kRows * d), y_buf(kFloat ? 0 : kRows * d), mask(r),
         coef(kRows * groups * n), hcoef(kRows * groups * m);
@@ -232,6 +238,7 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
         const int64_t chunks = std::min(kTileChunks, p.a_chunks - v0);
         const float* tile = A_panel + v0 * r * kW;
         for (int64_t q = 0; q < rows; ++q) {
+          if (m0 + kRows + q < p.M) prefetch(xs + (m0 + kRows + q) * d + v0 * kW, chunks * kW * sizeof(scalar_t));
           in_runs(r, [&](auto run, int64_t u0) {
             panel_dots<decltype(run)::value>(xb + q * d + v0 * kW, tile + u0 * kW, r, chunks, acc.data() + q * r + u0);
           });
@@ -275,14 +282,14 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
               in_runs(m, [&](auto run, int64_t u0) {
                 panel_combine_rows<decltype(run)::value>(run_rows, u0 == 0 ? x_run : y_run, d, tile + u0 * kW, m,
                                                          hcoef.data() + (q0 * groups + k) * m + u0, groups * m,
-                                                         chunks, y_run, d);
+                                                         chunks, y_run, d, stream);
               });
             } else {
               const float* tile = p.group_panel(k) + v0 * n * kW;
               in_runs(n, [&](auto run, int64_t u0) {
                 panel_combine_rows<decltype(run)::value>(run_rows, u0 == 0 ? x_run : y_run, d, tile + u0 * kW, n,
                                                          coef.data() + (q0 * groups + k) * n + u0, groups * n,
-                                                         chunks, y_run, d);
+                                                         chunks, y_run, d, stream);
               });
             }
           }
@@ -298,6 +305,7 @@ void forward_rows(const Params& p, const scalar_t* xs, scalar_t* ys, float* hds,
       }
       if constexpr (!kFloat) at::vec::convert(yb, ys + m0 * d, rows * d);
     }
+    fence_streams(stream);
   });
 }
 
@@ -413,6 +421,9 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
   const float s = static_cast<float>(p.scale);
   const MixedPanels mixed(p);
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
+  // dx streams past the caches as the forward's y (one run of A's panel rows writes each chunk).
+  bool stream = false;
+  if constexpr (kFloat) stream = stream_rows(dxs, p.M, d, kW) && r <= kMaxRun;
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
     std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);
@@ -435,6 +446,9 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
             const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
             for (int64_t q = 0; q < rows; ++q) {
+              // The next block's dy, and this block's x (first read in pass 2a).
+              if (m0 + kRows + q < p.M) prefetch(dys + (m0 + kRows + q) * d + c, chunks * kW * sizeof(scalar_t));
+              prefetch(xs + (m0 + q) * d + c, chunks * kW * sizeof(scalar_t));
               Vec* out = acc.data() + (q * groups + k) * n;
               if (mixed) {
                 in_runs(rg, [&](auto run, int64_t u0) {
@@ -502,7 +516,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           const float* tile = A_panel + v0 * r * kW;
           in_runs(r, [&](auto run, int64_t u0) {
             panel_combine_rows<decltype(run)::value>(rows, u0 == 0 ? dyb + c : dxb + c, d, tile + u0 * kW, r,
-                                                     dh.data() + u0, r, chunks, dxb + c, d);
+                                                     dh.data() + u0, r, chunks, dxb + c, d, stream);
           });
           in_runs(r, [&](auto run, int64_t u0) {
             panel_accumulate<decltype(run)::value>(xb + c, d, rows, dh.data() + u0, r, chunks,
@@ -556,6 +570,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
         if constexpr (!kFloat) at::vec::convert(dxb, dxs + m0 * d, rows * d);
       }
     }
+    fence_streams(stream);
   });
 }
 

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -22,6 +23,50 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr int kMaxRun = 12;            // accumulators per loop: 12 + 2 temporaries <= 16 AVX2 registers
 constexpr int64_t kTileChunks = 32;    // column chunks per tile: 32 x 8 x 4 B x n rows <= 12 KB of panel
+
+// Outputs of at least kStreamBytes are written with streaming (non-temporal) stores: a normal
+// store first reads the line it writes (read-for-ownership), so y costs 2 M d e bytes of RAM
+// traffic instead of M d e, and an output that large would not stay in the L3 for the next op
+// anyway (8 MB: a quarter of the 32 MB L3 of the machine it was measured on). Measured with the
+// row prefetch below, against the kernels without both, in one process (2026-12-02, 2 threads,
+// fp32): B = 8, N = 512, d = 1024 forward 1.97 -> 1.03 ms, backward 3.41 -> 2.21 ms; d = 4096,
+// M = 2048 forward 3.66 -> 1.99 ms, backward 6.59 -> 4.56 ms. Each change alone gave about half.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// Whether fp32 rows [rows, cols] at `out` take streaming stores: large enough, and every chunk of
+// kW columns the kernels store aligned to the vector (the instruction requires it): cols and
+// `offset_step` (the column offsets the stores start at, e.g. a group's width) multiples of kW.
+inline bool stream_rows(const float* out, int64_t rows, int64_t cols, int64_t offset_step) {
+  return kCanStream && rows * cols * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && cols % kW == 0 &&
+         offset_step % kW == 0 && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
+}
+
+inline void store(const Vec& v, float* out, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream) return _mm512_stream_ps(out, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (stream) return _mm256_stream_ps(out, v);
+#endif
+  v.store(out);
+}
+
+// Streaming stores are weakly ordered: each thread fences them before the parallel region ends.
+inline void fence_streams(bool stream) {
+  if (kCanStream && stream) _mm_sfence();
+}
+
+// Asks for `bytes` at p (into all cache levels) ahead of use: the next block of rows is prefetched
+// while this one computes, so its RAM latency overlaps arithmetic (the hardware prefetcher alone
+// left the kernels waiting: the gain above).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
 
 // acc[u] += a[v kW + lane] * panel[(v stride + u) kW + lane] for v < chunks, u < kN, per lane.
 template <int kN>
@@ -40,9 +85,11 @@ inline void panel_dots(const float* a, const float* panel, int64_t stride, int64
 // for q < kR rows (rows kR apart by base_stride / out_stride; out may be base), two chunks per step:
 // 2 kR independent FMA chains. One row's chain of kN dependent FMAs ran at the FMA latency (perf:
 // ~50 cycles per chunk); Zen's 5-cycle latency at two FMAs per cycle wants about ten in flight.
+// `stream`: streaming stores (stream_rows).
 template <int kN, int kR>
 inline void panel_combine(const float* base, int64_t base_stride, const float* panel, int64_t stride,
-                          const float* coef, int64_t coef_stride, int64_t chunks, float* out, int64_t out_stride) {
+                          const float* coef, int64_t coef_stride, int64_t chunks, float* out, int64_t out_stride,
+                          bool stream = false) {
   int64_t v = 0;
   for (; v + 2 <= chunks; v += 2) {
     Vec acc[kR][2];
@@ -61,8 +108,8 @@ inline void panel_combine(const float* base, int64_t base_stride, const float* p
       }
     }
     for (int q = 0; q < kR; ++q) {
-      acc[q][0].store(out + q * out_stride + v * kW);
-      acc[q][1].store(out + q * out_stride + (v + 1) * kW);
+      store(acc[q][0], out + q * out_stride + v * kW, stream);
+      store(acc[q][1], out + q * out_stride + (v + 1) * kW, stream);
     }
   }
   for (; v < chunks; ++v) {
@@ -73,7 +120,7 @@ inline void panel_combine(const float* base, int64_t base_stride, const float* p
       const Vec w = Vec::loadu(p + u * kW);
       for (int q = 0; q < kR; ++q) acc[q] = at::vec::fmadd(Vec(coef[q * coef_stride + u]), w, acc[q]);
     }
-    for (int q = 0; q < kR; ++q) acc[q].store(out + q * out_stride + v * kW);
+    for (int q = 0; q < kR; ++q) store(acc[q], out + q * out_stride + v * kW, stream);
   }
 }
 
@@ -81,15 +128,15 @@ inline void panel_combine(const float* base, int64_t base_stride, const float* p
 template <int kN>
 inline void panel_combine_rows(int64_t rows, const float* base, int64_t base_stride, const float* panel,
                                int64_t stride, const float* coef, int64_t coef_stride, int64_t chunks, float* out,
-                               int64_t out_stride) {
+                               int64_t out_stride, bool stream = false) {
   int64_t q = 0;
   for (; q + 4 <= rows; q += 4) {
     panel_combine<kN, 4>(base + q * base_stride, base_stride, panel, stride, coef + q * coef_stride, coef_stride,
-                         chunks, out + q * out_stride, out_stride);
+                         chunks, out + q * out_stride, out_stride, stream);
   }
   for (; q < rows; ++q) {
     panel_combine<kN, 1>(base + q * base_stride, base_stride, panel, stride, coef + q * coef_stride, coef_stride,
-                         chunks, out + q * out_stride, out_stride);
+                         chunks, out + q * out_stride, out_stride, stream);
   }
 }
 

@@ -70,6 +70,17 @@ def test_adapter_forward_and_every_gradient_match_the_reference(batch, tokens, d
     it shows the backward replays the forward's mask."""
     if groups == 2 and dim % 2:
         dim += 1
+    check_adapter_against_the_reference(batch, tokens, dim, hidden, scale, seed, dtype, p, layout, groups, index)
+
+
+@pytest.mark.parametrize("index", ["none", "per_token"])   # the mixed panels; the experts' panels
+def test_outputs_past_the_streaming_threshold_match_the_reference(index):
+    """y and dx of 8 MB or more are written with streaming stores (csrc/vec_rows.h, kStreamBytes),
+    the next rows prefetched: 2 x 1100 rows of d = 1024 fp32 are 9 MB."""
+    check_adapter_against_the_reference(2, 1100, 1024, 8, 0.7, 3, torch.float32, 0.1, "contiguous", 2, index)
+
+
+def check_adapter_against_the_reference(batch, tokens, dim, hidden, scale, seed, dtype, p, layout, groups, index):
     params, routing_index, dy = adapter_problem(batch, tokens, dim, hidden, dtype, seed, layout, groups, index)
     y, grads = adapter_run(params, routing_index, dy, scale, p, seed)
     mask = native_mask(seed, params, p) if p else None
