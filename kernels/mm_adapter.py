@@ -69,7 +69,8 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # micro-batch 4 fill a wave, and enough bytes are in flight per SM (~20 KB on H100). A GPU
 # sweep overrides any key through the launch functions' `config=`.
 #   block_m        rows per step of the row-streaming kernels (_down, _dhw; >= 16 for tl.dot)
-#   block_slice    d columns per program of _down / _dhw (its weight slice stays in registers)
+#   block_slice    d columns per program of _down (its weight slice stays in registers)
+#   block_slice_dhw  the same for _dhw (its product runs with fp32 operands, see below)
 #   block_m_up, block_d_up, num_warps_up        rows per step, columns per program, warps of _up
 #   block_m_cols, block_d_cols, num_warps_cols  the same for _cols
 #   block_rows     rows per program of the row-wise kernels (_hidden, _dh)
@@ -82,15 +83,18 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
 # accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
-# 32 x 32 in fp32); fp16's dy U runs as tf32x3, three products, which spills at a 256-wide slice;
-# bf16 takes 512-wide slices (168 registers, no spills), halving the partials' bytes. _up streams
+# 32 x 32 in fp32); fp16's dy U (_dhw) runs as tf32x3, three products, which spills at a 256-wide
+# slice (428 B, sm_90) and 2.8 KB at 512, so it keeps 128 (196 registers): its partials leave fp16
+# training at 1.18x the floor (bf16 1.06x). _dhw in bf16 takes 512-wide slices (168 registers, no
+# spills), halving the partials' bytes; _down in both 16-bit dtypes takes 512 on 16-bit MMAs
+# (72-94 registers, no spills; fp16 at 128 was 1.11x the floor evaluating, 512 1.04x). _up streams
 # 64 x 128 tiles of x through two shared-memory buffers: 32 KB in flight per SM in 16-bit (one
 # block of 8 warps, 203-233 registers, no spills; 32-row tiles left 16 KB).
 _GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
             block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
-_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32),
-                  float16=dict(block_m_cols=16, block_d_cols=64, block_slice=128),
-                  bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512))
+_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256),
+                  float16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=128),
+                  bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512))
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
     **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=11 << 20, sms=132, dot16=dtype != "float32")
        for dtype, own in _PER_DTYPE.items()},
@@ -102,7 +106,7 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
                               sms=108, dot16=True),
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
-    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_m_up=16, block_d_up=128, num_warps_up=4,
+    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128, num_warps_up=4,
                                     block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024, num_warps=4,
                                     num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
                                     dot16=dtype != "float32")
@@ -565,10 +569,9 @@ def _pads(hidden: int, router: bool = False) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(hidden + 4 * router)), max(16, triton.next_power_of_2(2 * hidden))
 
 
-def _slices(dim: int, row_blocks: int, config: dict, programs: int) -> int:
-    """d slice width of `_down_kernel` / `_dhw_kernel`: the table's, halved (down to 64) while
-    the row blocks are too few to fill `programs` programs: the decode path splits d."""
-    width = config["block_slice"]
+def _slices(dim: int, row_blocks: int, width: int, programs: int) -> int:
+    """d slice width of `_down_kernel` / `_dhw_kernel`: the table's `width`, halved (down to 64)
+    while the row blocks are too few to fill `programs` programs: the decode path splits d."""
     while width > 64 and triton.cdiv(dim, width) * row_blocks < programs:
         width //= 2
     return width
@@ -745,7 +748,7 @@ def mm_adapter_forward(
         empty((rows, 2), torch.float32, x.device) if has_router else x)
     index, stride_ib, stride_in = _index_args(table, routing_index, x)
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
     slices = triton.cdiv(dim, width)
     part_width = hidden + 4 * has_router
     part = empty((slices, rows, part_width), torch.float32, x.device)
@@ -847,7 +850,7 @@ def mm_adapter_backward(
     seed_t = _seed_tensor(seed, device) if dropout_p > 0 else x                    # x: never read
     has_dropout = dropout_p > 0
     d_group = dim // (hidden // per_group)
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg, programs)
+    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice_dhw"], programs)
     slices = triton.cdiv(dim, width)
     col_blocks = triton.cdiv(dim, cfg["block_d_cols"])
     chunks = _chunks(rows, dim, dy.element_size(), cfg)
