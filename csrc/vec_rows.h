@@ -12,7 +12,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -33,6 +32,7 @@ constexpr int64_t kTileChunks = 32;    // column chunks per tile: 32 x 8 x 4 B x
 // M = 2048 forward 3.66 -> 1.99 ms, backward 6.59 -> 4.56 ms. Each change alone gave about half.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
 constexpr bool kCanStream = true;
 #else
 constexpr bool kCanStream = false;
@@ -57,7 +57,9 @@ inline void store(const Vec& v, float* out, bool stream) {
 
 // Streaming stores are weakly ordered: each thread fences them before the parallel region ends.
 inline void fence_streams(bool stream) {
-  if (kCanStream && stream) _mm_sfence();
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
 }
 
 // Asks for `bytes` at p (into all cache levels) ahead of use: the next block of rows is prefetched
