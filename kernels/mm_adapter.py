@@ -85,7 +85,9 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
 # 32 x 32 in fp32); fp16's dy U (_dhw) runs as tf32x3, three products, which spills at a 256-wide
 # slice (428 B, sm_90) and 2.8 KB at 512, so it keeps 128 (196 registers): its partials leave fp16
-# training at 1.18x the floor (bf16 1.06x). _dhw in bf16 takes 512-wide slices (168 registers, no
+# training at 1.18x the floor (bf16 1.06x). "ieee" there compiles at 512 without spills (168
+# registers, 1.06x) but runs on the FP32 units: 2 M d K_PAD = 0.27 GFLOP at 7B micro-batch 4,
+# ~4 us at H100's 67 TFLOP/s against ~3.5 us for its 16.8 MB of dy, so only a GPU can tell which wins. _dhw in bf16 takes 512-wide slices (168 registers, no
 # spills), halving the partials' bytes; _down in both 16-bit dtypes takes 512 on 16-bit MMAs
 # (72-94 registers, no spills; fp16 at 128 was 1.11x the floor evaluating, 512 1.04x). _up streams
 # 64 x 128 tiles of x through two shared-memory buffers: 32 KB in flight per SM in 16-bit (one
