@@ -423,7 +423,7 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
   // dx streams past the caches as the forward's y (one run of A's panel rows writes each chunk).
   bool stream = false;
-  if constexpr (kFloat) stream = stream_rows(dxs, p.M, d, kW) && r <= kMaxRun;
+  if constexpr (kFloat) stream = stream_rows(dxs, p.M, d, kLineFloats) && r <= kMaxRun;
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
     std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);
@@ -446,9 +446,10 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
           for (int64_t v0 = 0; v0 < p.g_chunks; v0 += kTileChunks) {
             const int64_t chunks = std::min(kTileChunks, p.g_chunks - v0), c = k * dg + v0 * kW;
             for (int64_t q = 0; q < rows; ++q) {
-              // The next block's dy, and this block's x (first read in pass 2a).
+              // The next block's dy, and this block's x (fp32: first read in pass 2a; 16-bit x was
+              // read converting it).
               if (m0 + kRows + q < p.M) prefetch(dys + (m0 + kRows + q) * d + c, chunks * kW * sizeof(scalar_t));
-              prefetch(xs + (m0 + q) * d + c, chunks * kW * sizeof(scalar_t));
+              if constexpr (kFloat) prefetch(xs + (m0 + q) * d + c, chunks * kW * sizeof(scalar_t));
               Vec* out = acc.data() + (q * groups + k) * n;
               if (mixed) {
                 in_runs(rg, [&](auto run, int64_t u0) {

@@ -14,7 +14,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace lavin_fast_native {
 
@@ -32,18 +37,19 @@ constexpr int64_t kTileChunks = 32;    // column chunks per tile: 32 x 8 x 4 B x
 // M = 2048 forward 3.66 -> 1.99 ms, backward 6.59 -> 4.56 ms. Each change alone gave about half.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
 constexpr bool kCanStream = true;
 #else
 constexpr bool kCanStream = false;
 #endif
 
-// Whether fp32 rows [rows, cols] at `out` take streaming stores: large enough, and every chunk of
-// kW columns the kernels store aligned to the vector (the instruction requires it): cols and
-// `offset_step` (the column offsets the stores start at, e.g. a group's width) multiples of kW.
+// Whether fp32 rows [rows, cols] at `out` take streaming stores: large enough, and every store
+// the kernels make starts a whole 64-byte line (the instruction needs the vector's alignment, and
+// a partial line would be written in pieces): `out`, cols and `offset_step` (the column offsets
+// the stores start at, e.g. a group's width) multiples of a line.
+constexpr int64_t kLineFloats = 64 / sizeof(float);
 inline bool stream_rows(const float* out, int64_t rows, int64_t cols, int64_t offset_step) {
-  return kCanStream && rows * cols * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && cols % kW == 0 &&
-         offset_step % kW == 0 && reinterpret_cast<uintptr_t>(out) % sizeof(Vec) == 0;
+  return kCanStream && rows * cols * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
+         cols % kLineFloats == 0 && offset_step % kLineFloats == 0 && reinterpret_cast<std::uintptr_t>(out) % 64 == 0;
 }
 
 inline void store(const Vec& v, float* out, bool stream) {
@@ -67,7 +73,8 @@ inline void fence_streams(bool stream) {
 // left the kernels waiting: the gain above).
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+  const int64_t skew = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(c) % 64);   // every line, the last too
+  for (int64_t i = -skew; i < bytes; i += 64) __builtin_prefetch(c + std::max<int64_t>(i, 0), 0, 3);
 }
 
 // acc[u] += a[v kW + lane] * panel[(v stride + u) kW + lane] for v < chunks, u < kN, per lane.
