@@ -34,9 +34,13 @@ L2 by design: the second read of x (forward, in `_up_kernel`) and of dy (backwar
 `chunk_bytes` (per arch in `BLOCK_CONFIGS`); the first read marks its lines evict_last, the
 second evict_first. The chunk is sized for the backward, the longer reuse: between a row's two
 reads of dy the chunk's dy, x and dx stream through, so 3 chunks (plus partials) must sit in
-about 3/4 of L2 (40 MB A100, 50 MB H100/H200): 9 MB and 11 MB chunks. The compile report's HBM
-model checks this (benchmarks/compile_report.py: 16 MB chunks on H100 left the backward's dy
-re-read a miss there, 1.25x the floor; 11 MB, 1.06x).
+about 3/4 of L2 (40 MB A100, 50 MB H100/H200), with room to spare: 8 MiB chunks on both. The
+compile report's HBM model checks this (benchmarks/compile_report.py): on H100 16 MB chunks
+left 7B bf16's backward dy re-read a miss, 1.25x the floor; 11 MiB fitted 7B (1.06x) but not
+13B fp16 (1.37x) nor ViT-L fp16 (1.17x); 8 MiB leaves every training call of the three models
+at 1.04-1.11x except 7B fp16 (1.18x, its _dhw partials, see BLOCK_CONFIGS). On A100 9 MiB left
+13B fp32 at 1.31x and ViT-L fp16 at 1.26x; 8 MiB 1.17x and 1.10x. More chunks are more launches
+(13B: 3 per call instead of 2), which only a GPU can weigh.
 
 Precision: every reduction accumulates in fp32. With `dot16` (the table's choice per arch and
 dtype) the products of bf16/fp16 inputs run on 16-bit MMAs: the tile of x or dy as it is, the
@@ -98,13 +102,13 @@ _PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw
                   float16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=128),
                   bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512))
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
-    **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=11 << 20, sms=132, dot16=dtype != "float32")
+    **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=132, dot16=dtype != "float32")
        for dtype, own in _PER_DTYPE.items()},
-    **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=9 << 20, sms=108, dot16=dtype != "float32")
+    **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=108, dot16=dtype != "float32")
        for dtype, own in _PER_DTYPE.items()},
     # fp16 _cols on sm_80 (its dU product with fp32 operands, tf32x3): 16 x 64 spills 40 B there,
     # 16 x 32 none (ptxas -v); sm_90 is the other way round (24 B at 16 x 32, none at 16 x 64).
-    ("sm80", "float16"): dict(_GPU, **{**_PER_DTYPE["float16"], "block_d_cols": 32}, chunk_bytes=9 << 20,
+    ("sm80", "float16"): dict(_GPU, **{**_PER_DTYPE["float16"], "block_d_cols": 32}, chunk_bytes=8 << 20,
                               sms=108, dot16=True),
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
