@@ -91,9 +91,10 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # slice (428 B, sm_90) and 2.8 KB at 512, so it keeps 128 (196 registers): its partials leave fp16
 # training at 1.18x the floor (bf16 1.06x). "ieee" there compiles at 512 without spills (168
 # registers, 1.06x) but runs on the FP32 units: 2 M d K_PAD = 0.27 GFLOP at 7B micro-batch 4,
-# ~4 us at H100's 67 TFLOP/s against ~3.5 us for its 16.8 MB of dy, so only a GPU can tell which wins. _dhw in bf16 takes 512-wide slices (168 registers, no
-# spills), halving the partials' bytes; _down in both 16-bit dtypes takes 512 on 16-bit MMAs
-# (72-94 registers, no spills; fp16 at 128 was 1.11x the floor evaluating, 512 1.04x). _up streams
+# ~4 us at H100's 67 TFLOP/s against ~3.5 us for its 16.8 MB of dy, so only a GPU can tell which
+# wins. _dhw in bf16 takes 512-wide slices (168 registers, no spills), halving the partials'
+# bytes; _down in both 16-bit dtypes takes 512 on 16-bit MMAs (72-94 registers, no spills; fp16
+# at 128 was 1.11x the floor evaluating, 512 1.04x). _up streams
 # 64 x 128 tiles of x through two shared-memory buffers: 32 KB in flight per SM in 16-bit (one
 # block of 8 warps, 203-233 registers, no spills; 32-row tiles left 16 KB).
 _GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
@@ -112,9 +113,9 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
                               sms=108, dot16=True),
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
-    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128, num_warps_up=4,
-                                    block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024, num_warps=4,
-                                    num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
+    **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128,
+                                    num_warps_up=4, block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024,
+                                    num_warps=4, num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
                                     dot16=dtype != "float32")
        for dtype in _PER_DTYPE},
 }

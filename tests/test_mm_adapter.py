@@ -191,18 +191,18 @@ def test_per_sample_index_equals_no_index():
 
 @at_least(12)
 @given(**shapes, block_m=st.sampled_from([16, 32]), block_slice=st.sampled_from([64, 128, 256]),
-       block_m_up=st.sampled_from([16, 32]), block_d_up=st.sampled_from([16, 64]),
-       block_m_cols=st.sampled_from([16, 32]), block_d_cols=st.sampled_from([16, 32, 64]),
-       block_rows=st.sampled_from([16, 64]), chunk_bytes=st.sampled_from([1, 4096, 1 << 30]),
-       waves=st.sampled_from([1, 4]), p=st.sampled_from([0.0, 0.3]))
+       block_slice_dhw=st.sampled_from([64, 128, 256]), block_m_up=st.sampled_from([16, 32]),
+       block_d_up=st.sampled_from([16, 64]), block_m_cols=st.sampled_from([16, 32]),
+       block_d_cols=st.sampled_from([16, 32, 64]), block_rows=st.sampled_from([16, 64]),
+       chunk_bytes=st.sampled_from([1, 4096, 1 << 30]), waves=st.sampled_from([1, 4]), p=st.sampled_from([0.0, 0.3]))
 def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidden, scale, seed, block_m, block_slice,
-                                                       block_m_up, block_d_up, block_m_cols, block_d_cols, block_rows,
-                                                       chunk_bytes, waves, p):
+                                                       block_slice_dhw, block_m_up, block_d_up, block_m_cols,
+                                                       block_d_cols, block_rows, chunk_bytes, waves, p):
     """Block-size keys of the table as a `config=` override: slices, row groups and chunks of any
     size (chunk_bytes 1: one block of rows per chunk)."""
     params, routing_index, dy = make_problem(batch, tokens, dim, hidden, torch.float32, seed, index="arbitrary")
-    config = dict(block_m=block_m, block_slice=block_slice, block_m_up=block_m_up, block_d_up=block_d_up,
-                  block_m_cols=block_m_cols, block_d_cols=block_d_cols, block_rows=block_rows,
+    config = dict(block_m=block_m, block_slice=block_slice, block_slice_dhw=block_slice_dhw, block_m_up=block_m_up,
+                  block_d_up=block_d_up, block_m_cols=block_m_cols, block_d_cols=block_d_cols, block_rows=block_rows,
                   chunk_bytes=chunk_bytes, waves=waves)
     y, hd, _ = kernel.mm_adapter_forward(*params.values(), routing_index, scale, p, seed, config=config)
     x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
