@@ -421,9 +421,10 @@ void backward_chunks(const Params& p, const scalar_t* dys, const scalar_t* xs, c
   const float s = static_cast<float>(p.scale);
   const MixedPanels mixed(p);
   const int64_t chunk = chunk_rows(p.M), n_chunks = (p.M + chunk - 1) / chunk;
-  // dx streams past the caches as the forward's y (one run of A's panel rows writes each chunk).
+  // dx streams past the caches as the forward's y (one run of A's panel rows writes each chunk;
+  // its stores start at the tiles of A's panel, kTileChunks chunks apart).
   bool stream = false;
-  if constexpr (kFloat) stream = stream_rows(dxs, p.M, d, kLineFloats) && r <= kMaxRun;
+  if constexpr (kFloat) stream = stream_rows(dxs, p.M, d, kTileChunks * kW) && r <= kMaxRun;
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> dy_buf(kFloat ? 0 : kRows * d), x_buf(kFloat ? 0 : kRows * d), dx_buf(kFloat ? 0 : kRows * d);
     std::vector<float> dh(kRows * r), coef(kRows * groups * n), mask(r), dhw0(r), dhw1(r), dot_u(n);

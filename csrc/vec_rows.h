@@ -17,8 +17,12 @@
 #include <cstdint>
 #include <type_traits>
 
+// Streaming stores (below) exist where the build targets x86 vectors.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#define LAVIN_FAST_CAN_STREAM 1
+#else
+#define LAVIN_FAST_CAN_STREAM 0
 #endif
 
 namespace lavin_fast_native {
@@ -36,11 +40,6 @@ constexpr int64_t kTileChunks = 32;    // column chunks per tile: 32 x 8 x 4 B x
 // fp32): B = 8, N = 512, d = 1024 forward 1.97 -> 1.03 ms, backward 3.41 -> 2.21 ms; d = 4096,
 // M = 2048 forward 3.66 -> 1.99 ms, backward 6.59 -> 4.56 ms. Each change alone gave about half.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-constexpr bool kCanStream = true;
-#else
-constexpr bool kCanStream = false;
-#endif
 
 // Whether fp32 rows [rows, cols] at `out` take streaming stores: large enough, and every store
 // the kernels make starts a whole 64-byte line (the instruction needs the vector's alignment, and
@@ -48,7 +47,7 @@ constexpr bool kCanStream = false;
 // the stores start at, e.g. a group's width) multiples of a line.
 constexpr int64_t kLineFloats = 64 / sizeof(float);
 inline bool stream_rows(const float* out, int64_t rows, int64_t cols, int64_t offset_step) {
-  return kCanStream && rows * cols * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
+  return LAVIN_FAST_CAN_STREAM && rows * cols * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
          cols % kLineFloats == 0 && offset_step % kLineFloats == 0 && reinterpret_cast<std::uintptr_t>(out) % 64 == 0;
 }
 
@@ -63,7 +62,7 @@ inline void store(const Vec& v, float* out, bool stream) {
 
 // Streaming stores are weakly ordered: each thread fences them before the parallel region ends.
 inline void fence_streams(bool stream) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if LAVIN_FAST_CAN_STREAM
   if (stream) _mm_sfence();
 #endif
 }
