@@ -19,17 +19,18 @@ upstream gradient, s = sigmoid, silu'(p) = s(p) (1 + p (1 - s(p))):
 
 Shapes in LaVIN: M = 6 CLS taps x batch (6..200), d_in = 1024, h = 128, d_out = 4096/5120, so the
 weights (fp32, 2.6-3.1 MB) outweigh x and y: every weight is read once from HBM (re-reads by
-other programs hit L2), and the kernels
-are laid out so each weight-gradient tile is owned by one program that loops over all M rows
-(no cross-program reduction, deterministic). The one reduction that crosses programs is dhidden
-(over d_out, which the dW2 programs split): each d_out chunk writes an fp32 partial and a small
-elementwise kernel sums them in a fixed order (deterministic) while applying the activation's
-derivative.
+other programs hit L2), and the kernels are laid out so each weight-gradient tile is owned by one
+program that loops over all M rows (no cross-program reduction, deterministic). Two reductions are split across programs to fill the
+GPU at LaVIN's few rows: pre's over d_in (forward) and dhidden's over d_out (backward); with S
+splits each writes an fp32 partial and a small elementwise kernel sums them in a fixed order
+(deterministic), the backward's while applying the activation's derivative. S is just enough for
+a wave, so the partials stay small (4 S M h bytes: 0.2 MB at M = 192, S = 2).
 
-Six launches: forward `_fwd_pre` (pre), `_fwd_out` (y); backward `_bwd_out` (dW2, db2, dhidden
-partials), `_bwd_dpre` (dpre), `_bwd_dx` (dx), `_bwd_in` (dW1, db1). Every `tl.dot` has all dims
->= 16 (block sizes are powers of two >= 16; masked loads pad with zeros, silu(0) = 0, so padded
-rows and hidden units contribute nothing).
+Seven launches at most: forward `_fwd_pre` (pre, or its partials), `_fwd_pre_sum`, `_fwd_out`
+(y); backward `_bwd_out` (dW2, db2), `_bwd_dh` (dpre, or dhidden's partials), `_bwd_dpre`
+(dpre), `_bwd_dx` (dx), `_bwd_in` (dW1, db1); the sums run only when there is a split. Every
+`tl.dot` has all dims >= 16 (block sizes are powers of two >= 16; masked loads pad with zeros,
+silu(0) = 0, so padded rows and hidden units contribute nothing).
 
 Precision: every load is upcast to fp32, every product accumulates in fp32, weight gradients are
 fp32 (cast to each weight's dtype by the autograd). The dots' input precision follows x's dtype
@@ -158,40 +159,29 @@ def _fwd_out_kernel(
 
 @triton.jit
 def _bwd_out_kernel(
-    dy_ptr, pre_ptr, w2_ptr, dw2_ptr, db2_ptr, dh_part_ptr,
+    dy_ptr, pre_ptr, dw2_ptr, db2_ptr,
     M, H, D_OUT, stride_gm, stride_gn,
     SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Backward of the output layer, grid (d_out chunks c, hidden chunks): each program owns the
-    [BLOCK_N, BLOCK_H] tile of dW2 (and, in hidden chunk 0, BLOCK_N entries of db2) and loops
-    over all M rows:
-        dW2 += dy^T hidden,  db2 += sum_m dy,  dh_part[c, rows] = dy W2  (this chunk's share).
-    The W2 tile is loaded once. dh_part is [C, M, h] fp32, C = cdiv(d_out, BLOCK_N).
+    """Backward of the output layer's weights, grid (d_out chunks, hidden chunks): each program
+    owns the [BLOCK_N, BLOCK_H] tile of dW2 (and, in hidden chunk 0, BLOCK_N entries of db2) and
+    loops over all M rows: dW2 += dy^T hidden, db2 += sum_m dy.
 
-    HBM bytes: dy (M d_out e) + W2 (d_out h w) read once (dy re-read per hidden chunk from L2),
-    pre (4 M H1, from L2 after the first chunk), dW2 + db2 written (4 d_out (h + 1)), partials
-    written (4 C M h)."""
-    chunk = tl.program_id(0)
-    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    HBM bytes: dy (M d_out e) read once (re-read per hidden chunk from L2), pre (4 M H1, from L2
+    after the first d_out chunk), dW2 + db2 written (4 d_out (h + 1))."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok, unit_ok = cols < D_OUT, units < H
-    w2 = tl.load(w2_ptr + cols[:, None].to(tl.int64) * H + units[None, :],                 # [BLOCK_N, BLOCK_H]
-                 mask=col_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
     dw2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     db2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    part = dh_part_ptr + chunk.to(tl.int64) * M * H
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
         dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                     mask=(rows < M)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         hidden = _hidden(pre_ptr, rows, units, M, H, SWIGLU)
         dw2 = tl.dot(tl.trans(dy), hidden, dw2, input_precision=PRECISION)
         db2 += tl.sum(dy, axis=0)
-        dh = tl.dot(dy, w2, input_precision=PRECISION)
-        tl.store(part + rows.to(tl.int64)[:, None] * H + units[None, :], dh,
-                 mask=row_ok[:, None] & unit_ok[None, :])
     tl.store(dw2_ptr + cols[:, None].to(tl.int64) * H + units[None, :], dw2,
              mask=col_ok[:, None] & unit_ok[None, :])
     if tl.program_id(1) == 0:  # one hidden block writes the bias gradient
@@ -199,34 +189,82 @@ def _bwd_out_kernel(
 
 
 @triton.jit
-def _bwd_dpre_kernel(
-    dh_part_ptr, pre_ptr, dpre_ptr,
-    M, H, CHUNKS,
-    SWIGLU: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """dpre from the partials, elementwise over the M h hidden entries e = (m, j), BLOCK_E per
-    program: dhidden = sum_c dh_part[c] (c ascending: deterministic), times the derivative of
-    the activation at pre (swiglu: writes the gate column j and the value column h + j).
-
-    HBM bytes: partials read (4 C M h), pre read (4 M H1), dpre written (4 M H1)."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    ok = e < M * H
-    dh = tl.zeros([BLOCK_E], dtype=tl.float32)
-    partial = dh_part_ptr + e
-    for _ in range(0, CHUNKS):
-        dh += tl.load(partial, mask=ok, other=0.0)
-        partial += M * H
+def _store_dpre(dh, pre_ptr, dpre_ptr, rows, units, ok, H, SWIGLU: tl.constexpr):
+    """dpre at the hidden entries (rows, units) (int64 offsets of any broadcastable shapes, `ok`
+    their mask) from dhidden there: dh silu'(pre) (silu); swiglu writes the gate column j,
+    dh pre_v silu'(pre_g), and the value column h + j, dh silu(pre_g)."""
     if SWIGLU:
-        at = (e // H) * (2 * H) + e % H
+        at = rows * (2 * H) + units
         gate = tl.load(pre_ptr + at, mask=ok, other=0.0)
         value = tl.load(pre_ptr + at + H, mask=ok, other=0.0)
         s = tl.sigmoid(gate)
         tl.store(dpre_ptr + at, dh * value * s * (1.0 + gate * (1.0 - s)), mask=ok)
         tl.store(dpre_ptr + at + H, dh * gate * s, mask=ok)
     else:
-        p = tl.load(pre_ptr + e, mask=ok, other=0.0)
+        at = rows * H + units
+        p = tl.load(pre_ptr + at, mask=ok, other=0.0)
         s = tl.sigmoid(p)
-        tl.store(dpre_ptr + e, dh * s * (1.0 + p * (1.0 - s)), mask=ok)
+        tl.store(dpre_ptr + at, dh * s * (1.0 + p * (1.0 - s)), mask=ok)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    dy_ptr, w2_ptr, pre_ptr, out_ptr,
+    M, H, D_OUT, N_PER_SPLIT, stride_gm, stride_gn,
+    SWIGLU: tl.constexpr, FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dhidden = dy W2, grid (row blocks, hidden chunks, d_out splits): one [BLOCK_M, BLOCK_H]
+    tile per program over its N_PER_SPLIT columns of d_out, in BLOCK_N steps. One split (FUSED):
+    writes dpre (`_store_dpre`). Several (the split over d_out that fills the GPU at LaVIN's few
+    rows): writes the split's fp32 partial out_ptr[split] of [splits, M, h], which
+    `_bwd_dpre_kernel` adds up. W2 [d_out, h] contiguous.
+
+    HBM bytes: dy (M d_out e) + W2 (d_out h w) read once (dy re-read per hidden chunk and W2 per
+    row block from L2); one split: pre read and dpre written (8 M H1); S splits: the partials
+    written (4 S M h)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok, unit_ok = rows < M, units < H
+    n_first = tl.program_id(2) * N_PER_SPLIT
+    n_last = tl.minimum(n_first + N_PER_SPLIT, D_OUT)
+    dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for n0 in range(n_first, n_last, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_last
+        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        w2 = tl.load(w2_ptr + cols[:, None].to(tl.int64) * H + units[None, :],             # [BLOCK_N, BLOCK_H]
+                     mask=col_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
+        dh = tl.dot(dy, w2, dh, input_precision=PRECISION)
+    ok = row_ok[:, None] & unit_ok[None, :]
+    if FUSED:
+        _store_dpre(dh, pre_ptr, out_ptr, rows.to(tl.int64)[:, None], units[None, :], ok, H, SWIGLU)
+    else:
+        part = out_ptr + tl.program_id(2).to(tl.int64) * M * H
+        tl.store(part + rows.to(tl.int64)[:, None] * H + units[None, :], dh, mask=ok)
+
+
+@triton.jit
+def _bwd_dpre_kernel(
+    dh_part_ptr, pre_ptr, dpre_ptr,
+    M, H, SPLITS,
+    SWIGLU: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """dpre from `_bwd_dh_kernel`'s partials, elementwise over the M h hidden entries e = (m, j),
+    BLOCK_E per program: dhidden = sum_splits dh_part[split] (splits ascending: deterministic),
+    then `_store_dpre`.
+
+    HBM bytes: partials read (4 S M h, mostly from L2), pre read (4 M H1), dpre written
+    (4 M H1)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = e < M * H
+    dh = tl.zeros([BLOCK_E], dtype=tl.float32)
+    partial = dh_part_ptr + e
+    for _ in range(0, SPLITS):
+        dh += tl.load(partial, mask=ok, other=0.0)
+        partial += M * H
+    _store_dpre(dh, pre_ptr, dpre_ptr, e // H, e % H, ok, H, SWIGLU)
 
 
 @triton.jit
@@ -300,21 +338,18 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
 
 
 def _block_sizes(x: Tensor, rows: int, block_m: int | None, block_n: int | None, block_h: int | None,
-                 block_k: int | None, backward: bool = False) -> tuple[int, int, int, int]:
+                 block_k: int | None) -> tuple[int, int, int, int]:
     """Fill in defaults and check that every block is a power of two >= 16 (the least tl.dot
     dimension on a GPU). Under the interpreter (~1 ms per program) few, large programs. On a GPU
     (or compiling for one) the defaults keep every kernel spill-free in every dtype on sm_80 and
     sm_90 (ptxas -v, offline) and give the launches at ViT batches 16-32 (M = 96-192 rows) at
     least a wave on 132 SMs: 16 rows per block, 16 hidden units per program for `_bwd_out` /
-    `_bwd_in`, 32 d_in columns for `_bwd_dx` / `_bwd_in`; `_fwd_pre` splits d_in on top (see
-    `_pre_splits`). `_bwd_out` spills at 128 d_out columns in fp16 (tf32x3 products) and fp32
-    (ieee): 64 in fp16; 32 in fp32, which at 64 still spilled 40 B per thread on sm_90 (255
-    registers)."""
+    `_bwd_in`, 32 d_in columns for `_bwd_dx` / `_bwd_in`, 128 d_out columns; `_fwd_pre` and
+    `_bwd_dh` split their reduction on top (see `_splits`)."""
     small = _target.arch(x.device) == "interpreter"
-    wide = {torch.float32: 32, torch.float16: 64}.get(x.dtype, 128) if backward else 128
     blocks = dict(
         block_m=block_m or (min(32, max(16, triton.next_power_of_2(rows))) if small else 16),
-        block_n=block_n or (32 if small else wide),
+        block_n=block_n or (32 if small else 128),
         block_h=block_h or (32 if small else 16),
         block_k=block_k or 32,
     )
@@ -324,13 +359,16 @@ def _block_sizes(x: Tensor, rows: int, block_m: int | None, block_n: int | None,
     return blocks["block_m"], blocks["block_n"], blocks["block_h"], blocks["block_k"]
 
 
-def _pre_splits(x: Tensor, tiles: int, d_in: int, block_k: int, split_k: int | None) -> int:
-    """d_in splits of `_fwd_pre_kernel`: enough for a wave of programs on the GPU (one under the
-    interpreter), at most one per BLOCK_K columns."""
-    if split_k is None:
+def _splits(x: Tensor, tiles: int, length: int, block: int, splits: int | None) -> tuple[int, int]:
+    """Split a reduction of `length` (d_in in `_fwd_pre`, d_out in `_bwd_dh`) over programs:
+    enough splits for a wave with `tiles` output tiles on the GPU (one under the interpreter), at
+    most one per `block`, none empty. Returns (splits, length per split, a multiple of block)."""
+    if splits is None:
         sms = _target.sm_count(x.device, _target.DEFAULT_SMS.get(_target.arch(x.device), 1))
-        split_k = triton.cdiv(sms, tiles)
-    return max(1, min(split_k, triton.cdiv(d_in, block_k)))
+        splits = triton.cdiv(sms, tiles)
+    splits = max(1, min(splits, triton.cdiv(length, block)))
+    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
+    return triton.cdiv(length, per_split), per_split
 
 
 def _check(x: Tensor, in_weight: Tensor, out_weight: Tensor, activation: str, in_bias: Tensor | None = None,
@@ -377,7 +415,7 @@ def visual_neck_forward(
 
     Blocks: block_m rows, block_n d_out columns, block_h hidden units, block_k d_in columns
     (powers of two >= 16; untuned defaults, benchmarks sweep them); split_k: d_in splits of
-    `_fwd_pre` (None: enough for a wave of programs on a GPU, see `_pre_splits`).
+    `_fwd_pre` (None: enough for a wave of programs on a GPU, see `_splits`).
 
     HBM bytes, M rows, e = x's element size, w = the weights' (4 for fp32), S = d_in splits:
         _fwd_pre: M d_in e + H1 d_in w + 4 H1 + 4 M H1 (+ 8 S M H1 for S > 1: the partials
@@ -399,9 +437,7 @@ def visual_neck_forward(
     x2 = x.reshape(rows, d_in)
     in_bias = in_bias.contiguous()
     tiles = (triton.cdiv(rows, block_m), triton.cdiv(in_rows, block_h))
-    splits = _pre_splits(x, tiles[0] * tiles[1], d_in, block_k, split_k)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, splits), block_k) * block_k
-    splits = triton.cdiv(d_in, k_per_split)                                   # none empty
+    splits, k_per_split = _splits(x, tiles[0] * tiles[1], d_in, block_k, split_k)
     out = pre if splits == 1 else empty((splits, rows, in_rows), torch.float32, x.device)
     _fwd_pre_kernel[(*tiles, splits)](
         x2, in_weight.contiguous(), in_bias, out,
@@ -425,28 +461,31 @@ def visual_neck_forward(
 def visual_neck_backward(
     dy: Tensor, x: Tensor, in_weight: Tensor, out_weight: Tensor, pre: Tensor, activation: str, *,
     block_m: int | None = None, block_n: int | None = None, block_h: int | None = None,
-    block_k: int | None = None, block_e: int | None = None, num_warps: int = 4, precision: str | None = None,
+    block_k: int | None = None, block_e: int | None = None, split_n: int | None = None, num_warps: int = 4,
+    precision: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward. dy [..., d_out] (any strides, e.g. an expanded ones from .sum());
     x, in_weight, out_weight as in the forward; pre [..., H1] fp32 contiguous, the forward's.
     Returns dx [..., d_in] in x's dtype, then fp32 d in_weight [H1, d_in], d in_bias [H1],
     d out_weight [d_out, h], d out_bias [d_out].
 
-    Blocks as in the forward; block_e: hidden entries per program of the elementwise `_bwd_dpre`.
-    C = cdiv(d_out, block_n) partials of dhidden.
+    Blocks as in the forward; block_e: hidden entries per program of the elementwise `_bwd_dpre`;
+    split_n: d_out splits S of `_bwd_dh` (None: enough for a wave of programs on a GPU, see
+    `_splits`; with one, `_bwd_dh` writes dpre itself and `_bwd_dpre` is not launched).
 
     HBM bytes, M rows, e = element size of x and dy, w = the weights':
-        _bwd_out:  M d_out e + d_out h w + 4 M H1 + 4 d_out (h + 1) + 4 C M h
-        _bwd_dpre: 4 C M h + 4 M H1 + 4 M H1
+        _bwd_out:  M d_out e + 4 M H1 + 4 d_out (h + 1)
+        _bwd_dh:   M d_out e + d_out h w + 4 S M h      (S = 1: + 8 M H1, pre read, dpre written)
+        _bwd_dpre: 4 S M h + 4 M H1 + 4 M H1            (S > 1)
         _bwd_dx:   4 M H1 + H1 d_in w + M d_in e
         _bwd_in:   4 M H1 + M d_in e + 4 H1 (d_in + 1)
-    M = 192, d_in = 1024, h = 128, d_out = 4096, bf16, fp32 weights, block_n = 128 (C = 32):
-    silu   9,027,584 + 3,342,336 + 1,015,808 + 1,016,320 = 14,402,048 B;
-    swiglu 9,125,888 + 3,538,944 + 1,638,400 + 1,639,424 = 15,942,656 B.
-    The floor (dy, x and the weights read once, dx and the weight gradients written once) is
-    7,619,072 B (swiglu 8,668,160 B). The excess is mostly the dhidden partials (3,145,728 B
-    written, then read back: 6.3 MB, often served by L2; a larger block_n shrinks them), then the
-    fp32 pre and dpre passes (98,304 B each, silu).
+    dy is read by `_bwd_out` and again by `_bwd_dh`, pre by three launches, dpre by two, the
+    partials written and read back: every second touch is an L2 hit at LaVIN's sizes (dy 1.5 MB,
+    pre 0.1 MB at M = 192). M = 192, d_in = 1024, h = 128, d_out = 4096, bf16, fp32 weights, silu,
+    sm_90 defaults (S = 2): the floor (dy, x and the weights read once, dx and the weight
+    gradients written once) is 7,619,072 B (swiglu 8,668,160 B); once each tensor's first touch
+    is counted, the excess is the fp32 pre read (98,304 B), dpre written (98,304 B) and the
+    partials written (196,608 B).
     """
     rows, d_in, hidden, in_rows, d_out = _check(x, in_weight, out_weight, activation, dy=dy)
     lead = tuple(x.shape[:-1])
@@ -458,27 +497,35 @@ def visual_neck_backward(
     if rows == 0:
         zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
         return dx, zeros(in_rows, d_in), zeros(in_rows), zeros(d_out, hidden), zeros(d_out)
-    block_m, block_n, block_h, block_k = _block_sizes(x, rows, block_m, block_n, block_h, block_k, backward=True)
+    block_m, block_n, block_h, block_k = _block_sizes(x, rows, block_m, block_n, block_h, block_k)
     block_e = block_e or (128 if _target.interpreting() else 256)
     precision = _precision(x.dtype, precision)
     swiglu = activation == "swiglu"
     x2, dy2 = x.reshape(rows, d_in), dy.reshape(rows, d_out)
     in_weight, out_weight = in_weight.contiguous(), out_weight.contiguous()
-    chunks = triton.cdiv(d_out, block_n)
 
     d_out_weight = empty((d_out, hidden), torch.float32, device)
     d_out_bias = empty((d_out,), torch.float32, device)
-    dh_part = empty((chunks, rows, hidden), torch.float32, device)
-    _bwd_out_kernel[(chunks, triton.cdiv(hidden, block_h))](
-        dy2, pre, out_weight, d_out_weight, d_out_bias, dh_part,
+    _bwd_out_kernel[(triton.cdiv(d_out, block_n), triton.cdiv(hidden, block_h))](
+        dy2, pre, d_out_weight, d_out_bias,
         rows, hidden, d_out, dy2.stride(0), dy2.stride(1),
         SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, PRECISION=precision,
         num_warps=num_warps,
     )
     dpre = empty((rows, in_rows), torch.float32, device)
-    _bwd_dpre_kernel[(triton.cdiv(rows * hidden, block_e),)](
-        dh_part, pre, dpre, rows, hidden, chunks, SWIGLU=swiglu, BLOCK_E=block_e, num_warps=num_warps,
+    tiles = (triton.cdiv(rows, block_m), triton.cdiv(hidden, block_h))
+    splits, n_per_split = _splits(x, tiles[0] * tiles[1], d_out, block_n, split_n)
+    out = dpre if splits == 1 else empty((splits, rows, hidden), torch.float32, device)
+    _bwd_dh_kernel[(*tiles, splits)](
+        dy2, out_weight, pre, out,
+        rows, hidden, d_out, n_per_split, dy2.stride(0), dy2.stride(1),
+        SWIGLU=swiglu, FUSED=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+        PRECISION=precision, num_warps=num_warps,
     )
+    if splits > 1:
+        _bwd_dpre_kernel[(triton.cdiv(rows * hidden, block_e),)](
+            out, pre, dpre, rows, hidden, splits, SWIGLU=swiglu, BLOCK_E=block_e, num_warps=num_warps,
+        )
     _bwd_dx_kernel[(triton.cdiv(rows, block_m), triton.cdiv(d_in, block_k))](
         dpre, in_weight, dx, rows, d_in, in_rows,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, PRECISION=precision, num_warps=num_warps,

@@ -138,16 +138,18 @@ def test_kernel_forward_and_every_gradient_match_the_reference(lead, d_in, hidde
 @at_least(16)
 @given(**shapes, block_m=st.sampled_from([16, 32]), block_n=st.sampled_from([16, 64]),
        block_h=st.sampled_from([16, 64]), block_k=st.sampled_from([16, 64]), block_e=st.sampled_from([16, 256]),
-       split_k=st.sampled_from([1, 2, 3, 64]))
+       split_k=st.sampled_from([1, 2, 3, 64]), split_n=st.sampled_from([1, 2, 3, 64]))
 def test_kernel_launches_are_right_for_any_block_sizes(lead, d_in, hidden, d_out, activation, seed, block_m,
-                                                       block_n, block_h, block_k, block_e, split_k):
-    """Any blocks, and any split of d_in in the forward's first layer (the GPU default splits it
-    to fill a wave at LaVIN's few rows; the interpreter's does not)."""
+                                                       block_n, block_h, block_k, block_e, split_k, split_n):
+    """Any blocks, any split of d_in in the forward's first layer and of d_out in the backward's
+    dhidden (the GPU default splits both to fill a wave at LaVIN's few rows; the interpreter's
+    does not)."""
     params, dy = make_problem(lead, d_in, hidden, d_out, activation, torch.float32, seed)
     blocks = dict(block_m=block_m, block_n=block_n, block_h=block_h, block_k=block_k)
     y, pre = kernel.visual_neck_forward(*params.values(), activation, split_k=split_k, **blocks)
     x, in_weight, _, out_weight, _ = params.values()
-    grads = kernel.visual_neck_backward(dy, x, in_weight, out_weight, pre, activation, block_e=block_e, **blocks)
+    grads = kernel.visual_neck_backward(dy, x, in_weight, out_weight, pre, activation, block_e=block_e,
+                                        split_n=split_n, **blocks)
     assert_matches_reference(params, dy, activation, y, dict(zip(GRAD_NAMES, grads)))
 
 
