@@ -19,11 +19,11 @@ the buffers of each pipelined load from the TTGIR (`ttg.local_alloc` of N x tile
 - bytes in flight per SM: blocks/SM x the bytes of the streaming loads in loops (loads from the
   launch's largest loaded tensors: activations, or weights where those dominate), a pipelined
   load counting tile x buffers, a plain load one tile;
-- HBM bytes per call (`hbm_bytes`): each launch touches every tensor it is given once, or for a
-  launch over a chunk of rows (`row0`, `row1`) the chunk's rows of each tensor laid out by row;
-  a touch misses L2 (counts its bytes) unless the same range was touched before and everything
-  touched since, this launch's other ranges included, fits in 3/4 of L2 (LRU; 40 MB A100, 50 MB
-  H100/H200). That is the design the kernels are built for (chunks of rows whose x or dy is re-read
+- HBM bytes per call (`hbm_bytes`): each launch touches every tensor it is given once (a view
+  only its own bytes), or for a launch over a chunk of rows (`row0`, `row1`) the chunk's rows of
+  each tensor laid out by row; a touched byte misses L2 (counts) unless it was touched before and
+  everything touched since, this launch's other ranges included, fits in 3/4 of L2 (LRU; 40 MB
+  A100, 50 MB H100/H200). That is the design the kernels are built for (chunks of rows whose x or dy is re-read
   from L2, kernels/mm_adapter.py) checked against the cache size, not a measurement. Plus the
   bytes in and out of every other torch op of the call (weight reshapes, partial sums, casts),
   against the floor:
@@ -406,41 +406,60 @@ def _launch_bytes(launch: Launch) -> int:
     return sum(seen.values())
 
 
-def _touched(launch: Launch, rows: int) -> dict[tuple[int, int, int], int]:
-    """(storage, first byte, end byte) -> bytes of each range the launch touches: a tensor whose
-    leading dimensions hold the call's `rows` rows, in a launch over rows [row0, row1), only
-    those rows; any other tensor whole (deduplicated by storage)."""
+Range = tuple[int, int, int]   # (storage, first byte, end byte)
+
+
+def _touched(launch: Launch, rows: int) -> list[Range]:
+    """The byte ranges of their storages that the launch's tensors cover: a tensor whose leading
+    dimensions hold the call's `rows` rows, in a launch over rows [row0, row1), only those rows;
+    any other tensor whole (a view: its own bytes, e.g. one chunk's rows of a larger buffer).
+    A range given twice (a placeholder argument that is never read) counts once."""
     row0, row1 = launch.args.get("row0"), launch.args.get("row1")
-    touched: dict[tuple[int, int, int], int] = {}
+    touched: dict[Range, None] = {}
     for tensor in _tensor_args(launch).values():
+        start = tensor.storage_offset() * tensor.element_size()
         size = tensor.numel() * tensor.element_size()
         leading = [math.prod(tensor.shape[:i + 1]) for i in range(tensor.dim())]
         if isinstance(row0, int) and isinstance(row1, int) and rows in leading and tensor.is_contiguous():
             per_row = size // rows
-            key = (tensor.data_ptr(), row0 * per_row, row1 * per_row)
-        else:
-            key = (tensor.data_ptr(), 0, size)
-        touched[key] = key[2] - key[1]
-    return touched
+            start, size = start + row0 * per_row, (row1 - row0) * per_row
+        touched[(tensor.untyped_storage().data_ptr(), start, start + size)] = None
+    return list(touched)
+
+
+def _minus(kept: Range, cut: Range) -> list[Range]:
+    """What is left of range `kept` once `cut` is taken out of it (0, 1 or 2 ranges)."""
+    storage, first, end = kept
+    if storage != cut[0] or cut[2] <= first or end <= cut[1]:
+        return [kept]
+    return [piece for piece in ((storage, first, cut[1]), (storage, cut[2], end)) if piece[2] > piece[1]]
 
 
 def hbm_bytes(launches: list[Launch], rows: int, arch: Arch) -> int:
-    """The launches' modelled HBM traffic (see the module docstring): an LRU of the ranges
-    touched, a re-touch an L2 hit while everything touched since fits in 3/4 of L2."""
+    """The launches' modelled HBM traffic (see the module docstring): an LRU of the byte ranges
+    touched; the part of a touch that overlaps an earlier touched range is an L2 hit while
+    everything touched since (this launch's other ranges included) fits in 3/4 of L2."""
     capacity = arch.l2_bytes * 3 // 4
-    recent: dict[tuple[int, int, int], int] = {}   # insertion order = least recently touched first
+    recent: list[Range] = []        # disjoint, least recently touched first
     total = 0
     for launch in launches:
         touched = _touched(launch, rows)
-        others = sum(touched.values())
-        order = list(recent)
-        for key, size in touched.items():
-            since = sum(recent[k] for k in order[order.index(key):]) if key in recent else None
-            if since is None or since + others - size > capacity:
-                total += size
-        for key, size in touched.items():
-            recent.pop(key, None)
-            recent[key] = size
+        others = sum(end - first for _, first, end in touched)
+        since, later = [], 0       # since[i]: bytes touched from recent[i] on
+        for _, first, end in reversed(recent):
+            later += end - first
+            since.append(later)
+        since.reverse()
+        for storage, first, end in touched:
+            hit = 0
+            for (kept_storage, kept_first, kept_end), touched_since in zip(recent, since):
+                overlap = min(end, kept_end) - max(first, kept_first)
+                if kept_storage == storage and overlap > 0 and touched_since + others - overlap <= capacity:
+                    hit += overlap
+            total += end - first - hit
+        for cut in touched:
+            recent = [piece for kept in recent for piece in _minus(kept, cut)]
+            recent.append(cut)
     return total
 
 

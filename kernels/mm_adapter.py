@@ -38,16 +38,19 @@ about 3/4 of L2 (40 MB A100, 50 MB H100/H200), with room to spare: 8 MiB chunks 
 compile report's HBM model checks this (benchmarks/compile_report.py): on H100 16 MB chunks
 left 7B bf16's backward dy re-read a miss, 1.25x the floor; 11 MiB fitted 7B (1.06x) but not
 13B fp16 (1.37x) nor ViT-L fp16 (1.17x); 8 MiB leaves every training call of the three models
-at 1.04-1.11x except 7B fp16 (1.18x, its _dhw partials, see BLOCK_CONFIGS). On A100 9 MiB left
-13B fp32 at 1.31x and ViT-L fp16 at 1.26x; 8 MiB 1.17x and 1.10x. More chunks are more launches
-(13B: 3 per call instead of 2), which only a GPU can weigh.
+at 1.05-1.07x the floor in every dtype, on A100 too (9 MiB left 13B fp32 there at 1.31x). The
+partials of `_down` / `_dhw` are laid out [M, slices, width], so a chunk's are one range. More
+chunks are more launches (13B: 3 per call instead of 2), which only a GPU can weigh.
 
 Precision: every reduction accumulates in fp32. With `dot16` (the table's choice per arch and
 dtype) the products of bf16/fp16 inputs run on 16-bit MMAs: the tile of x or dy as it is, the
 fp32 weights and hidden state rounded to x's dtype, as PyTorch's own run in that dtype rounds
-them; the products that feed the routing gradient (dy U) keep fp32 operands ("tf32" for bf16,
-"tf32x3" for fp16: plain tf32 left no margin on the routing gradient in fp16). fp32 inputs use
-"ieee" throughout (tf32 would be far less accurate than PyTorch in fp32).
+them; the two products whose fp32 operand must stay fp32-accurate, dy U (it feeds the routing
+gradient) and dU's (w hd)^T dy, run as two 16-bit MMAs on that operand split into a head and a
+scaled tail (`_split16`): ~22 bits of it in fp16, 16 in bf16 (one 16-bit rounding of U broke the
+tests' 2x rule on the routing gradient in fp16). fp32 inputs use "ieee" throughout (tf32 would
+be far less accurate than PyTorch in fp32); with `dot16` off, 16-bit inputs take fp32 operands
+at "tf32" (bf16) / "tf32x3" (fp16).
 
 Public: `mm_adapter` (the differentiable op), `mm_adapter_forward` / `mm_adapter_backward`
 (the launches, `config=` overriding `BLOCK_CONFIGS`), `launch_config`, `dropout_mask` (the exact
@@ -74,7 +77,7 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # sweep overrides any key through the launch functions' `config=`.
 #   block_m        rows per step of the row-streaming kernels (_down, _dhw; >= 16 for tl.dot)
 #   block_slice    d columns per program of _down (its weight slice stays in registers)
-#   block_slice_dhw  the same for _dhw (its product runs with fp32 operands, see below)
+#   block_slice_dhw  the same for _dhw
 #   block_m_up, block_d_up, num_warps_up        rows per step, columns per program, warps of _up
 #   block_m_cols, block_d_cols, num_warps_cols  the same for _cols
 #   block_rows     rows per program of the row-wise kernels (_hidden, _dh)
@@ -86,31 +89,22 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 #   sms            SM count assumed where no device can be asked (offline compiles)
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
-# accumulators and three operand tiles (128-145 registers, no spills, at 16 x 64 in 16-bit and
-# 32 x 32 in fp32); fp16's dy U (_dhw) runs as tf32x3, three products, which spills at a 256-wide
-# slice (428 B, sm_90) and 2.8 KB at 512, so it keeps 128 (196 registers): its partials leave fp16
-# training at 1.18x the floor (bf16 1.06x). "ieee" there compiles at 512 without spills (168
-# registers, 1.06x) but runs on the FP32 units: 2 M d K_PAD = 0.27 GFLOP at 7B micro-batch 4,
-# ~4 us at H100's 67 TFLOP/s against ~3.5 us for its 16.8 MB of dy, so only a GPU can tell which
-# wins. _dhw in bf16 takes 512-wide slices (168 registers, no spills), halving the partials'
-# bytes; _down in both 16-bit dtypes takes 512 on 16-bit MMAs (72-94 registers, no spills; fp16
-# at 128 was 1.11x the floor evaluating, 512 1.04x). _up streams
-# 64 x 128 tiles of x through two shared-memory buffers: 32 KB in flight per SM in 16-bit (one
-# block of 8 warps, 203-233 registers, no spills; 32-row tiles left 16 KB).
+# accumulators and three operand tiles (128-148 registers, no spills, at 16 x 64 in 16-bit and
+# 32 x 32 in fp32). _dhw takes 512-wide slices in 16-bit (190-226 registers, no spills), which
+# halves its partials' bytes against 256; fp16 had to keep 128 while its dy U ran as tf32x3 (three
+# tf32 products spilled 428 B at 256, sm_90), leaving its training calls at 1.16-1.23x the floor:
+# the head-and-tail split (module docstring) fits 512. fp32 ("ieee") keeps 256. _down in both
+# 16-bit dtypes takes 512 on 16-bit MMAs (71-94 registers, no spills; fp16 at 128 was 1.11x the
+# floor evaluating, 512 1.04x). _up streams 64 x 128 tiles of x through two shared-memory
+# buffers: 32 KB in flight per SM in 16-bit (one block of 8 warps, 203-233 registers, no spills;
+# 32-row tiles left 16 KB).
 _GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
             block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
-_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256),
-                  float16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=128),
-                  bfloat16=dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512))
+_HALF = dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512)
+_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256), float16=_HALF, bfloat16=_HALF)
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
-    **{("sm90", dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=132, dot16=dtype != "float32")
-       for dtype, own in _PER_DTYPE.items()},
-    **{("sm80", dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=108, dot16=dtype != "float32")
-       for dtype, own in _PER_DTYPE.items()},
-    # fp16 _cols on sm_80 (its dU product with fp32 operands, tf32x3): 16 x 64 spills 40 B there,
-    # 16 x 32 none (ptxas -v); sm_90 is the other way round (24 B at 16 x 32, none at 16 x 64).
-    ("sm80", "float16"): dict(_GPU, **{**_PER_DTYPE["float16"], "block_d_cols": 32}, chunk_bytes=8 << 20,
-                              sms=108, dot16=True),
+    **{(arch, dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=sms, dot16=dtype != "float32")
+       for arch, sms in (("sm90", 132), ("sm80", 108)) for dtype, own in _PER_DTYPE.items()},
     # Triton's CPU interpreter (tests): ~1 ms per program and loop step, so few of both; small
     # chunks and slices so that every multi-chunk, multi-slice, multi-group path runs.
     **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128,
@@ -179,20 +173,36 @@ def _grouped_up(b_w_ptr, d_w_ptr, cols, col_ok, D_GROUP, R_GROUP, R, K_PAD: tl.c
     return u.to(tl.float32)
 
 
+# fp32 operands on 16-bit MMAs: v = head + tail / TAIL_SCALE, both in x's dtype. The head holds
+# 11 (fp16) / 8 (bf16) bits of v, the scaled tail the next 11 / 8, so against an operand exact in
+# its dtype (dy) two 16-bit products give v's ~22 / 16 bits, fp32-level in fp16 (as tf32x3, three
+# tf32 products, at a third of the registers). 2^11 keeps fp16's tail (~2^-11 v) out of its
+# subnormals.
+TAIL_SCALE = tl.constexpr(2048.0)
+
+
+@triton.jit
+def _split16(v, dtype: tl.constexpr):
+    """(head, tail) of fp32 v in the 16-bit `dtype`: v = head + tail / TAIL_SCALE (above)."""
+    head = v.to(dtype)
+    return head, ((v - head.to(tl.float32)) * TAIL_SCALE).to(dtype)
+
+
 @triton.jit
 def _down_kernel(
     x_ptr, a_w_ptr, r_w_ptr, part_ptr,
-    row0, row1, M, N, D, R, WIDTH, BLOCKS_PER_GROUP,
+    row0, row1, N, D, R, WIDTH, BLOCKS_PER_GROUP,
     stride_xb, stride_xn, stride_xd,
     HAS_ROUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, R_PAD: tl.constexpr,
     DOT16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Forward 1 of 3, grid (d slices, row groups): part[slice, m] = x[m, slice] A[:, slice]^T
+    """Forward 1 of 3, grid (d slices, row groups): part[m, slice] = x[m, slice] A[:, slice]^T
     for the rows [row0, row1) of one chunk, and with HAS_ROUTER the routing logits' partials
     x[m, slice] W_r[:, slice]^T beside them (W_r's rows in A's padding: the same product).
     A program loads its slice of A (and W_r) once ([BLOCK_SLICE, R_PAD], kept in registers) and
     streams BLOCKS_PER_GROUP row blocks of x through it, x marked evict_last (`_up_kernel`
-    reads it again). part: [slices, M, WIDTH] fp32, WIDTH = r (+ 4 with the router).
+    reads it again). part: [M, slices, WIDTH] fp32 (a chunk's partials one contiguous range),
+    WIDTH = r (+ 4 with the router).
 
     HBM bytes per chunk of Mc rows: x read (Mc d e); A (and W_r) read from L2 once per row
     group (4 WIDTH d G); partials written (4 Mc WIDTH d / BLOCK_SLICE), read back by
@@ -224,12 +234,12 @@ def _down_kernel(
             h = tl.dot(x, a_t)
         else:
             h = tl.dot(x.to(tl.float32), a_t, input_precision=PRECISION)
-        tl.store(part_ptr + (tl.program_id(0).to(tl.int64) * M + rows)[:, None] * WIDTH + i[None, :], h,
+        tl.store(part_ptr + (rows.to(tl.int64) * tl.num_programs(0) + tl.program_id(0))[:, None] * WIDTH + i[None, :], h,
                  mask=row_ok[:, None] & (i < WIDTH)[None, :])
 
 
 @triton.jit
-def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, M, R, WIDTH, SLICES, p, seed_ptr,
+def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, R, WIDTH, SLICES, p, seed_ptr,
                    inv_temperature, HAS_ROUTER: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                    R_PAD: tl.constexpr):
     """Forward 2 of 3, BLOCK_ROWS rows per program: hd = (sum_slices part + a) * mask [M, r];
@@ -242,7 +252,7 @@ def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, M,
     i = tl.arange(0, R_PAD)
     h = tl.zeros([BLOCK_ROWS, R_PAD], dtype=tl.float32)
     for s in range(0, SLICES):
-        h += tl.load(part_ptr + (s * M + rows)[:, None] * WIDTH + i[None, :],
+        h += tl.load(part_ptr + (rows * SLICES + s)[:, None] * WIDTH + i[None, :],
                      mask=row_ok[:, None] & (i < WIDTH)[None, :], other=0.0)
     if HAS_ROUTER:
         inv_temperature = tl.cast(inv_temperature, tl.float32)
@@ -311,20 +321,24 @@ def _up_kernel(
 @triton.jit
 def _dhw_kernel(
     dy_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, part_ptr,
-    row0, row1, M, N, D, R, D_GROUP, R_GROUP, BLOCKS_PER_GROUP,
+    row0, row1, N, D, R, D_GROUP, R_GROUP, BLOCKS_PER_GROUP,
     stride_gb, stride_gn, stride_gd,
-    BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_SLICE: tl.constexpr, K_PAD: tl.constexpr, DOT16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Backward 1 of 3, grid (d slices, row groups), as `_down_kernel`: over one d slice,
-    part[slice, m] = [dy U_0 | dy U_1 | dy . u_0 | dy . u_1] (unscaled), width 2r + 2. The
+    part[m, slice] = [dy U_0 | dy U_1 | dy . u_0 | dy . u_1] (unscaled), width 2r + 2. The
     grouped U slice and the biases stay in registers; dy is marked evict_last (`_cols_kernel`
-    reads it again). fp32 operands (this feeds the routing gradient, see the module docstring).
+    reads it again). U at fp32-level accuracy (this feeds the routing gradient): with DOT16 as
+    head and tail on two 16-bit MMAs (`_split16`), else fp32 operands at PRECISION.
 
     HBM bytes per chunk: dy read (Mc d e); U and u from L2 once per row group; partials written
     (4 Mc (2r + 2) slices), read back by `_dh_kernel`."""
     c = tl.program_id(0) * BLOCK_SLICE + tl.arange(0, BLOCK_SLICE)
     c_ok = c < D
     u = tl.trans(_grouped_up(b_w_ptr, d_w_ptr, c, c_ok, D_GROUP, R_GROUP, R, K_PAD))  # [BLOCK_SLICE, K_PAD]
+    if DOT16:
+        u_head, u_tail = _split16(u, dy_ptr.dtype.element_ty)
     u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     k = tl.arange(0, K_PAD)
@@ -335,9 +349,13 @@ def _dhw_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < last
         dy = tl.load(dy_ptr + _row_offsets(rows, N, stride_gb, stride_gn)[:, None] + c[None, :] * stride_gd,
-                     mask=row_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy="evict_last").to(tl.float32)
-        dhw = tl.dot(dy, u, input_precision=PRECISION)
-        out = part_ptr + (tl.program_id(0).to(tl.int64) * M + rows) * width
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy="evict_last")
+        if DOT16:
+            dhw = tl.dot(dy, u_head, tl.dot(dy, u_tail) * (1.0 / TAIL_SCALE))
+        else:
+            dhw = tl.dot(dy.to(tl.float32), u, input_precision=PRECISION)
+        dy = dy.to(tl.float32)
+        out = part_ptr + (rows.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * width
         tl.store(out[:, None] + k[None, :], dhw, mask=row_ok[:, None] & (k < 2 * R)[None, :])
         tl.store(out + 2 * R, tl.sum(dy * u0[None, :], axis=1), mask=row_ok)
         tl.store(out + 2 * R + 1, tl.sum(dy * u1[None, :], axis=1), mask=row_ok)
@@ -346,7 +364,7 @@ def _dhw_kernel(
 @triton.jit
 def _dh_kernel(
     part_ptr, w_ptr, index_ptr, hd_ptr, dh_ptr, dw_ptr, dlog_ptr,
-    row0, row1, M, N, R, SLICES, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we, scale, p, seed_ptr,
+    row0, row1, N, R, SLICES, TABLE_ROWS, stride_ib, stride_in, stride_wr, stride_we, scale, p, seed_ptr,
     inv_temperature,
     TABLE_ROW: tl.constexpr, FUSED_ROUTER: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -370,7 +388,7 @@ def _dh_kernel(
     dyu0 = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     dyu1 = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for s in range(0, SLICES):
-        part = part_ptr + (s * M + rows) * width
+        part = part_ptr + (rows * SLICES + s) * width
         dhw0 += tl.load(part[:, None] + i[None, :], mask=ok, other=0.0)
         dhw1 += tl.load(part[:, None] + R + i[None, :], mask=ok, other=0.0)
         dyu0 += tl.load(part + 2 * R, mask=row_ok, other=0.0)
@@ -396,7 +414,7 @@ def _dh_kernel(
 @triton.jit
 def _cols_kernel(
     dy_ptr, x_ptr, w_ptr, index_ptr, a_w_ptr, r_w_ptr, hd_ptr, dh_ptr, dlog_ptr, dx_ptr, part_ptr,
-    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP, GROUP0, TOTAL,
+    row0, row1, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS, BLOCKS_PER_GROUP, TOTAL,
     stride_gb, stride_gn, stride_gd, stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we,
     scale,
     TABLE_ROW: tl.constexpr, FUSED_ROUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -406,8 +424,8 @@ def _cols_kernel(
     BLOCK_D columns and BLOCKS_PER_GROUP row blocks. It writes dx = dy + dh A for its tiles
     (dy read the second time, evict_first) and accumulates in fp32 registers its share of
     dA = dh^T x, dU = s hw^T dy (grouped entries only), du_e = s sum w_e dy and da = sum dh,
-    stored as one row (GROUP0 + its group) of the partials [groups, TOTAL] that
-    `_reduce_kernel` sums. Layout of a row: dA [r, d], dU_0 [d, r/g], dU_1 [d, r/g], du_0 [d],
+    stored as its group's row of part [groups, TOTAL] (the chunk's rows of the call's partials,
+    which `_reduce_kernel` sums). Layout of a row: dA [r, d], dU_0 [d, r/g], dU_1 [d, r/g], du_0 [d],
     du_1 [d], da [r] (TOTAL = r d + 2 d r/g + 2 d + r), and with FUSED_ROUTER (each row routed
     by itself) the router's share from the rows' dz = dlog: dx += dz W_r, dW_r = dz^T x [2, d]
     and db_r = sum dz [2] (TOTAL + 2 d + 2), in fp32 FMAs on the tiles already loaded.
@@ -457,8 +475,10 @@ def _cols_kernel(
             dh16 = dh.to(x_ptr.dtype.element_ty)
             dx = dy.to(tl.float32) + tl.dot(dh16, a)
             da_acc = tl.dot(tl.trans(dh16), x, da_acc)
-            # dU keeps fp32 operands: a 16-bit w*hd exceeded 2x PyTorch's error on dU (fp16, one row).
-            du_acc = tl.dot(tl.trans(hw), dy.to(tl.float32), du_acc, input_precision=PRECISION)
+            # dU takes hw = w hd (fp32) as head and tail (`_split16`): hw rounded to 16 bits
+            # exceeded 2x PyTorch's error on dU (fp16, one row).
+            hw_head, hw_tail = _split16(tl.trans(hw), x_ptr.dtype.element_ty)
+            du_acc = tl.dot(hw_head, dy, du_acc + tl.dot(hw_tail, dy) * (1.0 / TAIL_SCALE))
         else:
             dx = dy.to(tl.float32) + tl.dot(dh, a, input_precision=PRECISION)
             da_acc = tl.dot(tl.trans(dh), x.to(tl.float32), da_acc, input_precision=PRECISION)
@@ -478,7 +498,7 @@ def _cols_kernel(
         du1_acc += tl.sum(w1[:, None] * dy32, axis=0)
         dh_sum += tl.sum(dh, axis=0)
 
-    out = part_ptr + (GROUP0 + tl.program_id(1)).to(tl.int64) * TOTAL
+    out = part_ptr + tl.program_id(1).to(tl.int64) * TOTAL
     tl.store(out + i[:, None] * D + c[None, :], da_acc, mask=i_ok[:, None] & c_ok[None, :])
     j = unit[:, None] - (c // D_GROUP)[None, :] * R_GROUP
     in_group = (k < 2 * R)[:, None] & c_ok[None, :] & (j >= 0) & (j < R_GROUP)
@@ -758,7 +778,7 @@ def mm_adapter_forward(
     width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
     slices = triton.cdiv(dim, width)
     part_width = hidden + 4 * has_router
-    part = empty((slices, rows, part_width), torch.float32, x.device)
+    part = empty((rows, slices, part_width), torch.float32, x.device)
     col_blocks = triton.cdiv(dim, cfg["block_d_up"])
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     chunks = _chunks(rows, dim, x.element_size(), cfg)
@@ -769,13 +789,13 @@ def mm_adapter_forward(
     for row0, row1 in chunks:
         groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _down_kernel[(slices, groups)](
-            x, down_weight, router_weight, part, row0, row1, rows, tokens, dim, hidden, part_width, per_group_blocks,
+            x, down_weight, router_weight, part, row0, row1, tokens, dim, hidden, part_width, per_group_blocks,
             x.stride(0), x.stride(1), x.stride(2),
             HAS_ROUTER=has_router, BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad,
             DOT16=cfg["dot16"] and x.dtype != torch.float32, PRECISION=_precision(x.dtype), **streaming,
         )
         _hidden_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
-            part, down_bias, router_bias, hd, row_probs, row0, row1, rows, hidden, part_width, slices,
+            part, down_bias, router_bias, hd, row_probs, row0, row1, hidden, part_width, slices,
             float(dropout_p), seed_t, 1.0 / router.temperature if has_router else 1.0,
             HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
         )
@@ -863,7 +883,7 @@ def mm_adapter_backward(
     chunks = _chunks(rows, dim, dy.element_size(), cfg)
     # One wave of `_cols_kernel` per chunk: its programs each write a row of partials.
     col_groups = [_groups(triton.cdiv(row1 - row0, cfg["block_m_cols"]), col_blocks, sms) for row0, row1 in chunks]
-    part_dhw = empty((slices, rows, 2 * hidden + 2), torch.float32, device)
+    part_dhw = empty((rows, slices, 2 * hidden + 2), torch.float32, device)
     dh = empty((rows, hidden), torch.float32, device)
     dw_rows = empty((rows, 2), torch.float32, device)
     dlog_rows = empty((rows, 2), torch.float32, device) if fused_router else dw_rows   # dw_rows: never read
@@ -874,20 +894,20 @@ def mm_adapter_backward(
         slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _dhw_kernel[(slices, slice_groups)](
             dy, b_weight, d_weight, b_bias, d_bias, part_dhw,
-            row0, row1, rows, tokens, dim, hidden, d_group, per_group, slice_blocks,
+            row0, row1, tokens, dim, hidden, d_group, per_group, slice_blocks,
             dy.stride(0), dy.stride(1), dy.stride(2),
-            BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, K_PAD=k_pad, PRECISION=precision, **streaming,
+            BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, **streaming,
         )
         _dh_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
             part_dhw, routing, index, hd, dh, dw_rows, dlog_rows,
-            row0, row1, rows, tokens, hidden, slices, routing.shape[0], stride_ib, stride_in,
+            row0, row1, tokens, hidden, slices, routing.shape[0], stride_ib, stride_in,
             routing.stride(0), routing.stride(1), float(scale), float(dropout_p), seed_t, inv_temperature,
             TABLE_ROW=table_row, FUSED_ROUTER=fused_router, HAS_DROPOUT=has_dropout, BLOCK_ROWS=cfg["block_rows"],
             R_PAD=r_pad,
         )
         _cols_kernel[(col_blocks, groups)](
-            dy, x, routing, index, down_weight, router_weight, hd, dh, dlog_rows, dx, part,
-            row0, row1, tokens, dim, hidden, d_group, per_group, routing.shape[0], per_group_blocks, group0, total,
+            dy, x, routing, index, down_weight, router_weight, hd, dh, dlog_rows, dx, part[group0:group0 + groups],
+            row0, row1, tokens, dim, hidden, d_group, per_group, routing.shape[0], per_group_blocks, total,
             dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in,
             routing.stride(0), routing.stride(1), float(scale),
             TABLE_ROW=table_row, FUSED_ROUTER=fused_router, BLOCK_M=cfg["block_m_cols"], BLOCK_D=cfg["block_d_cols"],
