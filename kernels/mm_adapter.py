@@ -234,8 +234,8 @@ def _down_kernel(
             h = tl.dot(x, a_t)
         else:
             h = tl.dot(x.to(tl.float32), a_t, input_precision=PRECISION)
-        tl.store(part_ptr + (rows.to(tl.int64) * tl.num_programs(0) + tl.program_id(0))[:, None] * WIDTH + i[None, :], h,
-                 mask=row_ok[:, None] & (i < WIDTH)[None, :])
+        out = part_ptr + (rows.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * WIDTH
+        tl.store(out[:, None] + i[None, :], h, mask=row_ok[:, None] & (i < WIDTH)[None, :])
 
 
 @triton.jit

@@ -20,13 +20,14 @@ upstream gradient, s = sigmoid, silu'(p) = s(p) (1 + p (1 - s(p))):
 Shapes in LaVIN: M = 6 CLS taps x batch (6..200), d_in = 1024, h = 128, d_out = 4096/5120, so the
 weights (fp32, 2.6-3.1 MB) outweigh x and y: every weight is read once from HBM (re-reads by
 other programs hit L2), and the kernels are laid out so each weight-gradient tile is owned by one
-program that loops over all M rows (no cross-program reduction, deterministic). Two reductions are split across programs to fill the
-GPU at LaVIN's few rows: pre's over d_in (forward) and dhidden's over d_out (backward); with S
-splits each writes an fp32 partial and a small elementwise kernel sums them in a fixed order
-(deterministic), the backward's while applying the activation's derivative. S is just enough for
-a wave, so the partials stay small (4 S M h bytes: 0.2 MB at M = 192, S = 2).
+program that loops over all M rows (no cross-program reduction, deterministic). Two other
+reductions are split across programs to fill the GPU at LaVIN's few rows: pre's over d_in
+(forward) and dhidden's over d_out (backward); with S splits each writes an fp32 partial and a
+small elementwise kernel sums them in a fixed order (deterministic), the backward's while
+applying the activation's derivative. S is just enough for a wave, so the partials stay small
+(4 S M h bytes: 0.2 MB at M = 192, S = 2).
 
-Seven launches at most: forward `_fwd_pre` (pre, or its partials), `_fwd_pre_sum`, `_fwd_out`
+Eight launches at most: forward `_fwd_pre` (pre, or its partials), `_fwd_pre_sum`, `_fwd_out`
 (y); backward `_bwd_out` (dW2, db2), `_bwd_dh` (dpre, or dhidden's partials), `_bwd_dpre`
 (dpre), `_bwd_dx` (dx), `_bwd_in` (dW1, db1); the sums run only when there is a split. Every
 `tl.dot` has all dims >= 16 (block sizes are powers of two >= 16; masked loads pad with zeros,
@@ -363,6 +364,8 @@ def _splits(x: Tensor, tiles: int, length: int, block: int, splits: int | None) 
     """Split a reduction of `length` (d_in in `_fwd_pre`, d_out in `_bwd_dh`) over programs:
     enough splits for a wave with `tiles` output tiles on the GPU (one under the interpreter), at
     most one per `block`, none empty. Returns (splits, length per split, a multiple of block)."""
+    if splits is not None and splits < 1:
+        raise ValueError(f"visual_neck kernel: split_k / split_n must be >= 1, got {splits}")
     if splits is None:
         sms = _target.sm_count(x.device, _target.DEFAULT_SMS.get(_target.arch(x.device), 1))
         splits = triton.cdiv(sms, tiles)

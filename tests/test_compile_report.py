@@ -3,7 +3,7 @@
 4 x 512, d = 4096; neck at M = 24) compile in every dtype, spill nothing, and the launches that move
 the activations fill at least one wave and stream through multi-buffered loads (ENGINEERING.md,
 "Compiling for a GPU without one"), and the modelled HBM traffic of a training call stays within
-10% of the floor in bf16. No GPU is needed; ptxas comes with the triton wheel."""
+10% of the floor in every dtype. No GPU is needed; ptxas comes with the triton wheel."""
 from __future__ import annotations
 
 import csv

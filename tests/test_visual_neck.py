@@ -429,6 +429,10 @@ def test_kernel_entry_checks_its_own_preconditions():
         kernel.visual_neck_backward(dy, x, in_weight, out_weight, pre.half(), "swiglu")
     with pytest.raises(ValueError, match="pre must be a contiguous fp32"):
         kernel.visual_neck_backward(dy, x, in_weight, out_weight, pre[..., :16], "swiglu")
+    with pytest.raises(ValueError, match="split_k / split_n must be >= 1, got 0"):
+        kernel.visual_neck_forward(x, in_weight, in_bias, out_weight, out_bias, "swiglu", split_k=0)
+    with pytest.raises(ValueError, match="split_k / split_n must be >= 1, got 0"):
+        kernel.visual_neck_backward(dy, x, in_weight, out_weight, pre, "swiglu", split_n=0)
     with pytest.raises(ValueError, match="out_weight is on meta"):
         kernel.visual_neck_forward(x, in_weight, in_bias, out_weight.to("meta"), out_bias, "swiglu")
 
