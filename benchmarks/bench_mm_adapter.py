@@ -2,7 +2,8 @@
 
 Providers:
 - module:         the public `lavin_fast.MMAdapter` (weights as fp32 parameters, router on the
-                  first token, training mode), dropout 0;
+                  first token, training mode), dropout 0; at decode handed its routing weights,
+                  as generation hands it those kept from the prefill;
 - module_dropout: the same with dropout 0.1 (LaVIN's training setting);
 - kernels:        the raw launches `mm_adapter_forward` / `mm_adapter_backward` (no autograd,
                   no weight reshaping, no router): what the kernels alone cost;
@@ -132,7 +133,7 @@ def providers(module, x, routing, decode, native_cpu=False):
     def module_with(dropout):
         def forward(inp):
             module.dropout = dropout
-            return module(inp)
+            return module(inp, routing) if decode else module(inp)
         return autograd_modes(forward, list(module.parameters()))
 
     addmm = lambda inp: reference.mm_adapter(inp, routing_g, *lowp.values(), SCALE)  # noqa: E731

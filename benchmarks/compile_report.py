@@ -28,7 +28,10 @@ the buffers of each pipelined load from the TTGIR (`ttg.local_alloc` of N x tile
   bytes in and out of every other torch op of the call (weight reshapes, partial sums, casts),
   against the floor:
   MM-Adapter 2 M d e forward and 3 M d e backward (e = x's element size); neck M (d_in + d_out) e
-  + weights forward, M (2 d_in + d_out) e + 2 x weights backward.
+  + weights forward, M (2 d_in + d_out) e + 2 x weights backward. The adapter's floor leaves out
+  its weights (0.3 MB fp32 at 7B: under 1% of a training call's bytes, over twice a bf16 decode
+  step's x and y), so a second floor adds them as the neck's does (`floor_with_weights`: the parameters
+  the call uses read forward, read and their gradients written backward).
 
     python benchmarks/compile_report.py --arch 90 [--arch 80] [--dtypes bf16,fp16,fp32] [--out DIR]
 """
@@ -78,7 +81,8 @@ REGISTERS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM, SMEM_RESERVED_PER_BLOCK = 65536, 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One call of a public module: `module` at `shape`, in `phase` (training: forward with
-    dropout + backward; eval: forward; decode: forward, one token per sample)."""
+    dropout + backward; eval: forward; decode: forward, one token per sample, with the routing
+    weights given, as a generation step reads them from its KV cache)."""
     name: str
     module: str            # "adapter" or "neck"
     phase: str             # "train", "eval", "decode"
@@ -236,10 +240,11 @@ class _TorchOpBytes(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------
 
 
-def _call(case: Case, dtype: torch.dtype, launches: list[Launch], counter: "_TorchOpBytes") -> int:
+def _call(case: Case, dtype: torch.dtype, launches: list[Launch], counter: "_TorchOpBytes") -> tuple[int, int]:
     """One call of the module as training / evaluation / decoding makes it (fp32 weights), with
     `counter` counting the torch ops of the call itself (not the set-up). Returns how many of
-    `launches` the forward made."""
+    `launches` the forward made, and the bytes of the parameters the call uses (a decoding
+    adapter, given its routing weights, runs no router)."""
     from lavin_fast import MMAdapter, VisualNeck
     torch.manual_seed(0)
     if case.module == "adapter":
@@ -251,10 +256,14 @@ def _call(case: Case, dtype: torch.dtype, launches: list[Launch], counter: "_Tor
         module = VisualNeck(d_in, hidden, d_out)
         x = torch.randn(batch, taps, d_in).to(dtype)
     module.train(case.phase == "train")
+    decoding = case.phase == "decode"
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in module.named_parameters()
+                       if not (decoding and name.startswith("expert_weights.")))
     if case.phase != "train":
+        weights = torch.softmax(torch.randn(x.shape[0], 2), -1) if decoding else None
         with torch.no_grad(), counter:
-            module(x)
-        return len(launches)
+            module(x) if weights is None else module(x, weights)
+        return len(launches), weight_bytes
     x.requires_grad_()
     with counter:
         y = module(x)
@@ -264,7 +273,7 @@ def _call(case: Case, dtype: torch.dtype, launches: list[Launch], counter: "_Tor
     # model, never a leaf: y.backward would count the copy AccumulateGrad makes into x.grad).
     with counter:
         torch.autograd.grad(y, [x, *module.parameters()], dy)
-    return forward_launches
+    return forward_launches, weight_bytes
 
 
 def floor_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
@@ -278,6 +287,15 @@ def floor_bytes(case: Case, dtype: torch.dtype, direction: str) -> int:
     if direction == "fwd":
         return rows * (d_in + d_out) * e + weights
     return rows * (2 * d_in + d_out) * e + 2 * weights
+
+
+def floor_with_weights(case: Case, dtype: torch.dtype, direction: str, weight_bytes: int) -> int:
+    """`floor_bytes` with the `weight_bytes` of parameters the call uses: read forward, read
+    and their gradients written backward (the neck's floor counts them already)."""
+    floor = floor_bytes(case, dtype, direction)
+    if case.module == "neck":
+        return floor
+    return floor + weight_bytes * (1 if direction == "fwd" else 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,12 +533,13 @@ def report(arch: Arch, dtypes: list[torch.dtype], cases: list[Case] = CASES) -> 
         for case in cases:
             counter = _TorchOpBytes()
             with stand_in_gpu(arch) as launches:
-                first_bwd = _call(case, dtype, launches, counter)
+                first_bwd, weight_bytes = _call(case, dtype, launches, counter)
             if not launches:
                 raise RuntimeError(f"compile_report: {case.label} ({harness.DTYPE_NAMES[dtype]}) launched no Triton kernel: "
                                    "is LAVIN_FAST_BACKEND honoured, or TRITON_INTERPRET set?")
             directions = ["fwd"] + (["bwd"] if case.phase == "train" else [])
             floor = sum(floor_bytes(case, dtype, d) for d in directions)
+            floor_weights = sum(floor_with_weights(case, dtype, d, weight_bytes) for d in directions)
             batch = case.shape[0]
             rows_m = batch * case.shape[1]
             # The forward's and the backward's caches are apart: the rest of the model runs between.
@@ -531,8 +550,9 @@ def report(arch: Arch, dtypes: list[torch.dtype], cases: list[Case] = CASES) -> 
                                  M=rows_m, d=case.shape[2], direction="bwd" if i >= first_bwd else "fwd",
                                  **describe(launch, arch),
                                  torch_ops_MB=round(counter.bytes / 1e6, 3), call_HBM_MB=round(modelled / 1e6, 3),
-                                 floor_MB=round(floor / 1e6, 3),
-                                 HBM_over_floor=round(modelled / floor, 3)))
+                                 floor_MB=round(floor / 1e6, 3), HBM_over_floor=round(modelled / floor, 3),
+                                 floor_with_weights_MB=round(floor_weights / 1e6, 3),
+                                 HBM_over_floor_with_weights=round(modelled / floor_weights, 3)))
             print(f"{arch.gpu_name} {harness.DTYPE_NAMES[dtype]} {case.name} {case.phase}: {len(launches)} launches",
                   file=sys.stderr)
     return rows

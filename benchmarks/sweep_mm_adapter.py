@@ -7,8 +7,10 @@ The kernels keep ONE table of launch settings in `lavin_fast.kernels.mm_adapter`
 its shape, whatever its name, starts from this GPU's entry (or another arch's for the same dtype)
 and does one pass of coordinate search: each setting in turn moved one step each way (powers of
 two halved and doubled, num_stages -1/+1, num_warps halved and doubled), keeping a move when
-forward + backward time at LaVIN-7B micro-batch 4 (M = 2048, d = 4096) drops. A setting that
-fails to compile or launch is recorded and skipped. Every trial is a CSV row written when timed;
+forward + backward time at LaVIN-7B micro-batch 4 (M = 2048, d = 4096) drops; settings named
+"*small*" (the one-launch forward of a few rows) are judged instead by the forward at decode
+(8 and 32 samples of one token), where they act. A setting that fails to compile or launch is
+recorded and skipped. Every trial is a CSV row written when timed;
 the best table so far is rewritten to `mm_adapter_configs_<arch>.json` after every trial, so a run
 stopped by its time budget (or killed) keeps what it found.
 
@@ -34,6 +36,8 @@ from lavin_fast.io import atomic_write_text  # noqa: E402
 
 SHAPE = (4, 512, 4096)          # LaVIN-7B micro-batch 4 x 512 tokens
 QUICK_SHAPE = (2, 9, 96)
+DECODE_SHAPES = ((8, 1, 4096), (32, 1, 4096))      # a generation step, one token per sample
+QUICK_DECODE_SHAPES = ((3, 1, 96),)
 Config = dict
 
 
@@ -87,17 +91,33 @@ def neighbours(name: str, value) -> list:
     return []
 
 
-def coordinate_search(start: Config, cost: Callable[[Config], float], deadline: float,
-                      record: Callable[[Config, tuple | None, float | None, str], None],
+def workload(path: tuple) -> str:
+    """Which cost judges a setting: "decode" for the few-rows forward's ("*small*"), else "train"."""
+    return "decode" if "small" in str(path[-1]) else "train"
+
+
+def coordinate_search(start: Config, costs: dict[str, Callable[[Config], float]], deadline: float,
+                      record: Callable[[Config, tuple | None, str, float | None, str], None],
                       keep: Callable[[Config], None]) -> Config:
-    """One pass over the settings of `start`: each moved to its neighbours, kept where `cost`
-    (seconds, lower is better) drops. `cost` raising marks a setting that does not work there.
-    Stops at `deadline` (time.monotonic()). `record(config, path, cost, error)` sees every trial,
-    `keep(config)` every new best (the start first)."""
-    best, best_cost = start, cost(start)
-    record(best, None, best_cost, "")
+    """One pass over the settings of `start`: each moved to its neighbours, kept where its
+    workload's cost (`workload`; seconds, lower is better) drops. `costs` maps workloads to
+    cost functions (a workload without one judges with "train"'s); a cost raising marks a
+    setting that does not work there. Stops at `deadline` (time.monotonic()).
+    `record(config, path, workload, cost, error)` sees every trial and every measurement of
+    the best (path None), `keep(config)` every new best (the start first)."""
+    best = start
+    best_costs: dict[str, float] = {}          # the best config's cost per workload, measured when needed
+
+    def best_cost(name: str) -> float:
+        if name not in best_costs:
+            best_costs[name] = costs[name](best)
+            record(best, None, name, best_costs[name], "")
+        return best_costs[name]
+
+    best_cost("train")
     keep(best)
     for path, _ in list(_leaves(start)):
+        name = workload(path) if workload(path) in costs else "train"
         node = best
         for key in path:
             node = node[key]
@@ -106,14 +126,15 @@ def coordinate_search(start: Config, cost: Callable[[Config], float], deadline: 
                 return best
             trial = _with(best, path, value)
             try:
-                trial_cost = cost(trial)
+                baseline = best_cost(name)
+                trial_cost = costs[name](trial)
             except Exception as error:          # out of shared memory, a block too large, ...
                 message = str(error).strip().splitlines()
-                record(trial, path, None, f"{type(error).__name__}: {message[0][:200] if message else ''}")
+                record(trial, path, name, None, f"{type(error).__name__}: {message[0][:200] if message else ''}")
                 continue
-            record(trial, path, trial_cost, "")
-            if trial_cost < best_cost:
-                best, best_cost = trial, trial_cost
+            record(trial, path, name, trial_cost, "")
+            if trial_cost < baseline:
+                best, best_costs = trial, {name: trial_cost}
                 keep(best)
     return best
 
@@ -123,18 +144,34 @@ def arch_key() -> str:
     return f"sm{major}{minor}"
 
 
+def _arguments(shape, dtype, device) -> dict:
+    from bench_mm_adapter import SCALE, kernel_weights, make_problem
+    module, x, routing = make_problem(*shape, dtype, device)
+    return dict(x=x, routing=routing, routing_index=None, scale=SCALE, dy=torch.randn_like(x), **kernel_weights(module))
+
+
 def launch_cost(kernels, shape, dtype, device, quick: bool) -> Callable[[Config], float]:
     """Config -> seconds of one forward plus one backward launch at `shape`."""
-    from bench_mm_adapter import SCALE, kernel_weights, make_problem, raw_launch
-    module, x, routing = make_problem(*shape, dtype, device)
-    arguments = dict(x=x, routing=routing, routing_index=None, scale=SCALE, dy=torch.randn_like(x),
-                     **kernel_weights(module))
+    from bench_mm_adapter import raw_launch
+    arguments = _arguments(shape, dtype, device)
 
     def cost(config: Config) -> float:
         forward = raw_launch(kernels.mm_adapter_forward, **arguments, config=config)
         hd = forward()[1]
         backward = raw_launch(kernels.mm_adapter_backward, **arguments, hd=hd, config=config)
         return (harness.time_ms(forward, quick) + harness.time_ms(backward, quick)) / 1e3
+
+    return cost
+
+
+def decode_cost(kernels, shapes, dtype, device, quick: bool) -> Callable[[Config], float]:
+    """Config -> seconds of one forward at each of `shapes`, summed."""
+    from bench_mm_adapter import raw_launch
+    problems = [_arguments(shape, dtype, device) for shape in shapes]
+
+    def cost(config: Config) -> float:
+        return sum(harness.time_ms(raw_launch(kernels.mm_adapter_forward, **arguments, config=config), quick)
+                   for arguments in problems) / 1e3
 
     return cost
 
@@ -164,6 +201,7 @@ def main() -> None:
     winners: dict[str, Config] = {}
     table_path = os.path.join(args.out, f"mm_adapter_configs_{arch}" + ("_quick" if quick else "") + ".json")
     shape = QUICK_SHAPE if quick else SHAPE
+    decode_shapes = QUICK_DECODE_SHAPES if quick else DECODE_SHAPES
     budget_s = min(args.budget_s, 10.0) if quick else args.budget_s      # quick: a few trials prove the loop
 
     def keep(table_dtype: str, config: Config) -> None:
@@ -183,16 +221,19 @@ def main() -> None:
         if entry_arch != arch:
             print(f"sweep_mm_adapter: no {arch} entry for {dtype_name}: starting from {entry_arch}'s", file=sys.stderr)
 
-        def record(config, path, seconds, error, dtype_name=dtype_name):
-            log.add(dict(arch=arch, dtype=dtype_name, changed="/".join(map(str, path)) if path else "start",
-                         config=json.dumps(config, sort_keys=True),
-                         fwd_plus_bwd_ms=None if seconds is None else seconds * 1e3, error=error))
+        def record(config, path, workload_name, seconds, error, dtype_name=dtype_name):
+            log.add(dict(arch=arch, dtype=dtype_name, changed="/".join(map(str, path)) if path else "best",
+                         workload=workload_name, config=json.dumps(config, sort_keys=True),
+                         ms=None if seconds is None else seconds * 1e3, error=error))
             print(log.rows[-1], file=sys.stderr)
 
-        cost = launch_cost(kernels, shape, harness.DTYPES[dtype_name], device, quick)
+        dtype = harness.DTYPES[dtype_name]
+        costs = dict(train=launch_cost(kernels, shape, dtype, device, quick),
+                     decode=decode_cost(kernels, decode_shapes, dtype, device, quick))
         deadline = start_time + budget_s * (index + 1) / len(dtypes)
-        coordinate_search(start, cost, deadline, record, lambda config, d=table_dtype: keep(d, config))
-    log.finish(f"MM-Adapter block-size sweep on {arch} (fwd + bwd at B, N, d = {shape})")
+        coordinate_search(start, costs, deadline, record, lambda config, d=table_dtype: keep(d, config))
+    log.finish(f"MM-Adapter block-size sweep on {arch} (ms: train = fwd + bwd at B, N, d = {shape}; decode = "
+               f"fwd at {', '.join(map(str, decode_shapes))})")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ Backward, with hd = h * mask (saved by the forward) and dy the upstream gradient
 Launches. Forward, per chunk of rows (see below): `_down_kernel` (partial x A^T over d slices,
 grid slices x row groups, each program holding its A slice for all its row blocks),
 `_hidden_kernel` (sums the partials, adds a, applies dropout: hd), `_up_kernel` (y, grid
-row blocks x column blocks). Backward, per chunk: `_dhw_kernel` (partial dy [U_0, U_1] and
-dy . u_e over d slices), `_dh_kernel` (dh and the per-row routing gradient), `_cols_kernel`
+row blocks x column blocks); a few rows (at most the table's `small_rows`: decoding, one token
+per sample) take `_small_kernel` alone, one launch with no partials, each program computing hd
+for every row (the launch, not the bytes, is a decode step's cost). Backward, per chunk:
+`_dhw_kernel` (partial dy [U_0, U_1] and dy . u_e over d slices), `_dh_kernel` (dh and the per-row routing gradient), `_cols_kernel`
 (dx and per-row-group fp32 partials of dA, dU, du, da, grid column blocks x row groups); then
 once `_reduce_kernel` sums the partials into the gradients in their final layouts.
 
@@ -88,6 +90,8 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 #   chunk_bytes    rows per chunk: x (dy) of a chunk at most this many bytes (the L2 re-read set)
 #   sms            SM count assumed where no device can be asked (offline compiles)
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
+#   small_rows     rows up to which the forward is one launch (`_small_kernel`: decoding)
+#   block_k_small, block_d_small  d columns per step of its pass over x, columns per program
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
 # accumulators and three operand tiles (128-148 registers, no spills, at 16 x 64 in 16-bit and
 # 32 x 32 in fp32). _dhw takes 512-wide slices in 16-bit (190-226 registers, no spills), which
@@ -99,7 +103,8 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # buffers: 32 KB in flight per SM in 16-bit (one block of 8 warps, 203-233 registers, no spills;
 # 32-row tiles left 16 KB).
 _GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
-            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2)
+            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2, small_rows=32, block_k_small=128,
+            block_d_small=128)
 _HALF = dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512)
 _PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256), float16=_HALF, bfloat16=_HALF)
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
@@ -110,7 +115,7 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
     **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128,
                                     num_warps_up=4, block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024,
                                     num_warps=4, num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
-                                    dot16=dtype != "float32")
+                                    dot16=dtype != "float32", small_rows=4, block_k_small=128, block_d_small=64)
        for dtype in _PER_DTYPE},
 }
 
@@ -160,17 +165,22 @@ def _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in
 
 
 @triton.jit
+def _grouped_entries(w_ptr, units, units_ok, cols, col_ok, D_GROUP, R_GROUP):
+    """One up-projection's entries U[cols, units] as [len(units), len(cols)] fp32, read from its
+    grouped form [d, r/g]: column c holds units of its group only (0 elsewhere)."""
+    j = units[:, None] - (cols // D_GROUP)[None, :] * R_GROUP       # unit within the column's group
+    ok = units_ok[:, None] & col_ok[None, :] & (j >= 0) & (j < R_GROUP)
+    return tl.load(w_ptr + cols[None, :] * R_GROUP + j, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
 def _grouped_up(b_w_ptr, d_w_ptr, cols, col_ok, D_GROUP, R_GROUP, R, K_PAD: tl.constexpr):
     """The two up-projections' entries for columns `cols` on the doubled hidden axis,
-    [K_PAD, len(cols)] fp32, read from the grouped weights [d, r/g] (0 off the groups)."""
+    [K_PAD, len(cols)] fp32 (0 off the groups)."""
     k = tl.arange(0, K_PAD)
     expert, unit = k // R, k % R
-    j = unit[:, None] - (cols // D_GROUP)[None, :] * R_GROUP       # unit within the column's group
-    ok = (k < 2 * R)[:, None] & col_ok[None, :] & (j >= 0) & (j < R_GROUP)
-    at = cols[None, :] * R_GROUP + j
-    u = tl.load(b_w_ptr + at, mask=ok & (expert == 0)[:, None], other=0.0, eviction_policy="evict_last")
-    u += tl.load(d_w_ptr + at, mask=ok & (expert == 1)[:, None], other=0.0, eviction_policy="evict_last")
-    return u.to(tl.float32)
+    return (_grouped_entries(b_w_ptr, unit, expert == 0, cols, col_ok, D_GROUP, R_GROUP)
+            + _grouped_entries(d_w_ptr, unit, expert == 1, cols, col_ok, D_GROUP, R_GROUP))
 
 
 # fp32 operands on 16-bit MMAs: v = head + tail / TAIL_SCALE, both in x's dtype. The head holds
@@ -186,6 +196,52 @@ def _split16(v, dtype: tl.constexpr):
     """(head, tail) of fp32 v in the 16-bit `dtype`: v = head + tail / TAIL_SCALE (above)."""
     head = v.to(dtype)
     return head, ((v - head.to(tl.float32)) * TAIL_SCALE).to(dtype)
+
+
+@triton.jit
+def _down_weights(a_w_ptr, r_w_ptr, cols, col_ok, D, R, R_PAD: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                  DOT16: tl.constexpr, dtype: tl.constexpr):
+    """A^T's rows `cols`, [len(cols), R_PAD]: fp32, or in x's `dtype` with DOT16. With HAS_ROUTER
+    W_r's rows sit in A's padding, each as its rounding to x's dtype (units R, R + 1) and the
+    remainder (R + 2, R + 3): the one product over x also gives the routing logits, to fp32
+    accuracy on 16-bit MMAs too (x is exact in its dtype)."""
+    i = tl.arange(0, R_PAD)
+    a_t = tl.load(a_w_ptr + i[None, :] * D + cols[:, None], mask=(i < R)[None, :] & col_ok[:, None], other=0.0,
+                  eviction_policy="evict_last").to(tl.float32)
+    if HAS_ROUTER:
+        unit = i - R
+        w_r = tl.load(r_w_ptr + (unit % 2)[None, :] * D + cols[:, None], mask=((unit >= 0) & (unit < 4))[None, :]
+                      & col_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        head = w_r.to(dtype).to(tl.float32)
+        a_t += tl.where((unit < 2)[None, :], head, w_r - head)
+    if DOT16:
+        a_t = a_t.to(dtype)
+    return a_t
+
+
+@triton.jit
+def _router_softmax(h, R, r_b_ptr, inv_temperature, R_PAD: tl.constexpr):
+    """Each row's routing weights (w_0, w_1) = softmax((z + b_r) / temperature) from h = x [A |
+    W_r head | W_r tail]^T summed over d ([rows, R_PAD], `_down_weights`): z_e = h[R + e] +
+    h[R + 2 + e]."""
+    inv_temperature = tl.cast(inv_temperature, tl.float32)
+    unit = (tl.arange(0, R_PAD) - R)[None, :]
+    z0 = tl.sum(tl.where((unit == 0) | (unit == 2), h, 0.0), axis=1) + tl.load(r_b_ptr).to(tl.float32)
+    z1 = tl.sum(tl.where((unit == 1) | (unit == 3), h, 0.0), axis=1) + tl.load(r_b_ptr + 1).to(tl.float32)
+    z0, z1 = z0 * inv_temperature, z1 * inv_temperature
+    top = tl.maximum(z0, z1)
+    e0, e1 = tl.exp(z0 - top), tl.exp(z1 - top)
+    return e0 / (e0 + e1), e1 / (e0 + e1)
+
+
+@triton.jit
+def _hidden_units(h, rows, R, a_b_ptr, p, seed_ptr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr):
+    """hd = (h + a) * mask for h = x A^T summed over d ([rows, R_PAD]); 0 past unit R."""
+    i = tl.arange(0, R_PAD)
+    h += tl.load(a_b_ptr + i, mask=i < R, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        h = h * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
+    return tl.where((i < R)[None, :], h, 0.0)
 
 
 @triton.jit
@@ -210,19 +266,7 @@ def _down_kernel(
     c = tl.program_id(0) * BLOCK_SLICE + tl.arange(0, BLOCK_SLICE)
     c_ok = c < D
     i = tl.arange(0, R_PAD)
-    a_t = tl.load(a_w_ptr + i[None, :] * D + c[:, None], mask=(i < R)[None, :] & c_ok[:, None], other=0.0,
-                  eviction_policy="evict_last").to(tl.float32)                     # [BLOCK_SLICE, R_PAD]
-    if HAS_ROUTER:
-        # W_r's rows in A's padding, each as its rounding to x's dtype (units R, R + 1) and the
-        # remainder (R + 2, R + 3): the one product over x also gives the routing logits, to
-        # fp32 accuracy on 16-bit MMAs too (x is exact in its dtype).
-        unit = i - R
-        w_r = tl.load(r_w_ptr + (unit % 2)[None, :] * D + c[:, None], mask=((unit >= 0) & (unit < 4))[None, :]
-                      & c_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
-        head = w_r.to(x_ptr.dtype.element_ty).to(tl.float32)
-        a_t += tl.where((unit < 2)[None, :], head, w_r - head)
-    if DOT16:
-        a_t = a_t.to(x_ptr.dtype.element_ty)
+    a_t = _down_weights(a_w_ptr, r_w_ptr, c, c_ok, D, R, R_PAD, HAS_ROUTER, DOT16, x_ptr.dtype.element_ty)
     first = row0 + tl.program_id(1) * BLOCKS_PER_GROUP * BLOCK_M
     last = tl.minimum(first + BLOCKS_PER_GROUP * BLOCK_M, row1)
     for m0 in range(first, last, BLOCK_M):
@@ -255,20 +299,11 @@ def _hidden_kernel(part_ptr, a_b_ptr, r_b_ptr, hd_ptr, probs_ptr, row0, row1, R,
         h += tl.load(part_ptr + (rows * SLICES + s)[:, None] * WIDTH + i[None, :],
                      mask=row_ok[:, None] & (i < WIDTH)[None, :], other=0.0)
     if HAS_ROUTER:
-        inv_temperature = tl.cast(inv_temperature, tl.float32)
-        unit = (i - R)[None, :]
-        z0 = tl.sum(tl.where((unit == 0) | (unit == 2), h, 0.0), axis=1) + tl.load(r_b_ptr).to(tl.float32)
-        z1 = tl.sum(tl.where((unit == 1) | (unit == 3), h, 0.0), axis=1) + tl.load(r_b_ptr + 1).to(tl.float32)
-        z0, z1 = z0 * inv_temperature, z1 * inv_temperature
-        top = tl.maximum(z0, z1)
-        e0, e1 = tl.exp(z0 - top), tl.exp(z1 - top)
-        tl.store(probs_ptr + rows * 2, e0 / (e0 + e1), mask=row_ok)
-        tl.store(probs_ptr + rows * 2 + 1, e1 / (e0 + e1), mask=row_ok)
-    ok = row_ok[:, None] & (i < R)[None, :]
-    h += tl.load(a_b_ptr + i, mask=i < R, other=0.0).to(tl.float32)[None, :]
-    if HAS_DROPOUT:
-        h = h * _dropout_multiplier(tl.load(seed_ptr), rows, i, R, tl.cast(p, tl.float32))
-    tl.store(hd_ptr + rows[:, None] * R + i[None, :], h, mask=ok)
+        w0, w1 = _router_softmax(h, R, r_b_ptr, inv_temperature, R_PAD)
+        tl.store(probs_ptr + rows * 2, w0, mask=row_ok)
+        tl.store(probs_ptr + rows * 2 + 1, w1, mask=row_ok)
+    hd = _hidden_units(h, rows, R, a_b_ptr, p, seed_ptr, HAS_DROPOUT, R_PAD)
+    tl.store(hd_ptr + rows[:, None] * R + i[None, :], hd, mask=row_ok[:, None] & (i < R)[None, :])
 
 
 @triton.jit
@@ -316,6 +351,69 @@ def _up_kernel(
             ud = tl.load(d_w_ptr + c * R_GROUP + j, mask=in_group, other=0.0).to(tl.float32)
             y += (sw0 * hd)[:, None] * ub[None, :] + (sw1 * hd)[:, None] * ud[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _small_kernel(
+    x_ptr, a_w_ptr, a_b_ptr, r_w_ptr, r_b_ptr, w_ptr, index_ptr, b_w_ptr, d_w_ptr, b_b_ptr, d_b_ptr, hd_ptr, y_ptr,
+    ROWS, N, D, R, D_GROUP, R_GROUP, TABLE_ROWS,
+    stride_xb, stride_xn, stride_xd, stride_ib, stride_in, stride_wr, stride_we, scale, p, seed_ptr, inv_temperature,
+    TABLE_ROW: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr, DOT16: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The whole forward in one launch for a few rows (ROWS <= BLOCK_M: decoding, one token
+    per sample), grid (column blocks,). A launch costs more than these bytes take (at 7B decode
+    x is 64 KB), so every program computes hd for all the rows over all of d, as `_down_kernel`
+    and `_hidden_kernel` do between them (x and A streamed through, from L2 after the first
+    program's read), then y for its BLOCK_D columns as `_up_kernel` does, the up-projections as
+    two products hd U_e^T. Program 0 writes hd [ROWS, r] and, with HAS_ROUTER (then every row
+    routes itself, TABLE_ROW is BY_ROW), the table of routing weights at w_ptr [ROWS, 2].
+
+    HBM bytes: x read once (M d e; its second read, and every other program's, from L2), y
+    written (M d e), the weights once (4 (W d + 2 d r/g + 2 d + r), W = r, + 2 with the router),
+    hd (4 M r), the table (8 M): no partials. L2 reads: each program M d e + 4 W d, 192 KB at 7B
+    bf16 decode (M = 8), ~2 us at an SM's ~100 GB/s from L2 (a model: the sweep's "*small*"
+    settings are timed at decode)."""
+    scale = tl.cast(scale, tl.float32)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    row_offsets = _row_offsets(rows, N, stride_xb, stride_xn)
+    i = tl.arange(0, R_PAD)
+    h = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        a_t = _down_weights(a_w_ptr, r_w_ptr, k, k_ok, D, R, R_PAD, HAS_ROUTER, DOT16, x_ptr.dtype.element_ty)
+        x = tl.load(x_ptr + row_offsets[:, None] + k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0, eviction_policy="evict_last")
+        if DOT16:
+            h = tl.dot(x, a_t, h)
+        else:
+            h = tl.dot(x.to(tl.float32), a_t, h, input_precision=PRECISION)
+    if HAS_ROUTER:
+        w0, w1 = _router_softmax(h, R, r_b_ptr, inv_temperature, R_PAD)
+        w0, w1 = tl.where(row_ok, w0, 0.0), tl.where(row_ok, w1, 0.0)
+    else:
+        _, _, w0, w1 = _routing(w_ptr, index_ptr, rows, row_ok, N, TABLE_ROWS, stride_ib, stride_in,
+                                stride_wr, stride_we, TABLE_ROW)
+    hd = _hidden_units(h, rows, R, a_b_ptr, p, seed_ptr, HAS_DROPOUT, R_PAD)
+    if tl.program_id(0) == 0:
+        tl.store(hd_ptr + rows[:, None] * R + i[None, :], hd, mask=row_ok[:, None] & (i < R)[None, :])
+        if HAS_ROUTER:
+            tl.store(w_ptr + rows * 2, w0, mask=row_ok)
+            tl.store(w_ptr + rows * 2 + 1, w1, mask=row_ok)
+    c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_ok = c < D
+    tile_ok = row_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + row_offsets[:, None] + c[None, :] * stride_xd, mask=tile_ok, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    u0 = tl.load(b_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    u1 = tl.load(d_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    up0 = tl.dot(hd, _grouped_entries(b_w_ptr, i, i < R, c, c_ok, D_GROUP, R_GROUP), input_precision="ieee")
+    up1 = tl.dot(hd, _grouped_entries(d_w_ptr, i, i < R, c, c_ok, D_GROUP, R_GROUP), input_precision="ieee")
+    y = x + (scale * w0)[:, None] * (u0[None, :] + up0) + (scale * w1)[:, None] * (u1[None, :] + up1)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + c[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -734,7 +832,9 @@ def mm_adapter_forward(
     pass over x, its softmax in `_hidden_kernel`.
     Returns y [B, N, d] in x's dtype, hd [B, N, r] fp32 (the hidden state after dropout) and
     the routing table used ([T, 2] fp32 with the router, else `routing` itself).
-    `config` overrides `BLOCK_CONFIGS` keys (benchmarks sweep them).
+    `config` overrides `BLOCK_CONFIGS` keys (benchmarks sweep them). M = B N up to the table's
+    `small_rows` is one launch of `_small_kernel` (with the router only where every row routes
+    itself: a table gathered from source rows takes the three kernels below).
 
     Chunks: a chunk's `_up_kernel` reads table rows computed by its own or an earlier chunk's
     `_hidden_kernel`, so each table row's source row must come at or before every row reading
@@ -775,6 +875,21 @@ def mm_adapter_forward(
         empty((rows, 2), torch.float32, x.device) if has_router else x)
     index, stride_ib, stride_in = _index_args(table, routing_index, x)
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0 else x                  # x: never read
+    inv_temperature = 1.0 / router.temperature if has_router else 1.0
+    dot16, precision = cfg["dot16"] and x.dtype != torch.float32, _precision(x.dtype)
+    d_group = dim // (hidden // per_group)
+    if rows <= cfg["small_rows"] and not (has_router and router.rows is not None):
+        _small_kernel[(triton.cdiv(dim, cfg["block_d_small"]),)](
+            x, down_weight, down_bias, router_weight, router_bias, table, index, *weights, hd, y,
+            rows, tokens, dim, hidden, d_group, per_group, table_rows,
+            x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, table.stride(0), table.stride(1),
+            float(scale), float(dropout_p), seed_t, inv_temperature,
+            TABLE_ROW=_table_row(routing_index, router), HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0,
+            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_K=cfg["block_k_small"],
+            BLOCK_D=cfg["block_d_small"], R_PAD=r_pad, DOT16=dot16, PRECISION=precision,
+            NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        )
+        return y, hd, table
     width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
     slices = triton.cdiv(dim, width)
     part_width = hidden + 4 * has_router
@@ -792,11 +907,11 @@ def mm_adapter_forward(
             x, down_weight, router_weight, part, row0, row1, tokens, dim, hidden, part_width, per_group_blocks,
             x.stride(0), x.stride(1), x.stride(2),
             HAS_ROUTER=has_router, BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad,
-            DOT16=cfg["dot16"] and x.dtype != torch.float32, PRECISION=_precision(x.dtype), **streaming,
+            DOT16=dot16, PRECISION=precision, **streaming,
         )
         _hidden_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
             part, down_bias, router_bias, hd, row_probs, row0, row1, hidden, part_width, slices,
-            float(dropout_p), seed_t, 1.0 / router.temperature if has_router else 1.0,
+            float(dropout_p), seed_t, inv_temperature,
             HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
         )
         if has_router and router.rows is not None:
@@ -806,7 +921,7 @@ def mm_adapter_forward(
         up_groups, up_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
         _up_kernel[(col_blocks, up_groups)](
             x, table, index, hd, *weights, y,
-            row0, row1, tokens, dim, hidden, dim // (hidden // per_group), per_group, table_rows, up_blocks,
+            row0, row1, tokens, dim, hidden, d_group, per_group, table_rows, up_blocks,
             x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, table.stride(0), table.stride(1),
             float(scale),
             TABLE_ROW=_table_row(routing_index, router), BLOCK_M=cfg["block_m_up"], BLOCK_D=cfg["block_d_up"],

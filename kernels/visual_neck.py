@@ -82,6 +82,26 @@ def _hidden(pre_ptr, rows, units, M, H, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _split_tile(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, rows, row_ok, units, unit_ok, k_first,
+                k_last, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """sum over k in [k_first, k_last) of a[rows, k] b[k, units], [BLOCK_M, BLOCK_H] fp32, in
+    BLOCK_K steps: one program's tile of a product split over its reduction axis (the forward's
+    x W1^T over d_in, the backward's dy W2 over d_out), a and b read through their strides."""
+    a_rows = rows.to(tl.int64) * stride_am
+    b_units = units.to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for k0 in range(k_first, k_last, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_last
+        a = tl.load(a_ptr + a_rows[:, None] + k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + k[:, None].to(tl.int64) * stride_bk + b_units[None, :],           # [BLOCK_K, BLOCK_H]
+                    mask=k_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_pre_kernel(
     x_ptr, w1_ptr, b1_ptr, pre_ptr,
     M, D_IN, H1, K_PER_SPLIT, stride_xm, stride_xk,
@@ -100,18 +120,9 @@ def _fwd_pre_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok, unit_ok = rows < M, units < H1
-    x_row = rows.to(tl.int64) * stride_xm
     k_first = tl.program_id(2) * K_PER_SPLIT
-    k_last = tl.minimum(k_first + K_PER_SPLIT, D_IN)
-    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for k0 in range(k_first, k_last, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < k_last
-        x = tl.load(x_ptr + x_row[:, None] + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        w1_t = tl.load(w1_ptr + units[None, :].to(tl.int64) * D_IN + cols[:, None],      # [BLOCK_K, BLOCK_H]
-                       mask=col_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x, w1_t, acc, input_precision=PRECISION)
+    acc = _split_tile(x_ptr, stride_xm, stride_xk, w1_ptr, 1, D_IN, rows, row_ok, units, unit_ok, k_first,
+                      tl.minimum(k_first + K_PER_SPLIT, D_IN), BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
     if ADD_BIAS:
         acc += tl.load(b1_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
     out = pre_ptr + tl.program_id(2).to(tl.int64) * M * H1
@@ -228,16 +239,8 @@ def _bwd_dh_kernel(
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok, unit_ok = rows < M, units < H
     n_first = tl.program_id(2) * N_PER_SPLIT
-    n_last = tl.minimum(n_first + N_PER_SPLIT, D_OUT)
-    dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for n0 in range(n_first, n_last, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_last
-        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        w2 = tl.load(w2_ptr + cols[:, None].to(tl.int64) * H + units[None, :],             # [BLOCK_N, BLOCK_H]
-                     mask=col_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
-        dh = tl.dot(dy, w2, dh, input_precision=PRECISION)
+    dh = _split_tile(dy_ptr, stride_gm, stride_gn, w2_ptr, H, 1, rows, row_ok, units, unit_ok, n_first,
+                     tl.minimum(n_first + N_PER_SPLIT, D_OUT), BLOCK_M, BLOCK_H, BLOCK_N, PRECISION)
     ok = row_ok[:, None] & unit_ok[None, :]
     if FUSED:
         _store_dpre(dh, pre_ptr, out_ptr, rows.to(tl.int64)[:, None], units[None, :], ok, H, SWIGLU)

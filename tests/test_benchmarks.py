@@ -85,22 +85,31 @@ def test_bars_use_a_log_axis_with_room_under_the_smallest(benchmarks_on_path):
 
 
 def test_sweep_keeps_each_setting_that_helps_and_skips_what_fails(benchmarks_on_path):
+    """Each setting judged by its own workload's cost: the training shape's, or for the few-rows
+    forward's settings ("*small*") the decode shapes' (whose best is measured when first needed)."""
     import sweep_mm_adapter as sweep
-    best_block, best_stages = 64, 3
+    best_block, best_stages, best_small = 64, 3, 256
 
-    def cost(config):
+    def train(config):
         if config["fwd"]["num_warps"] == 16:
             raise RuntimeError("out of resources: shared memory")
         return abs(config["fwd"]["block_m"] - best_block) + abs(config["num_stages"] - best_stages)
 
+    def decode(config):      # blind to the training settings, as the decode shapes are
+        return abs(config["block_d_small"] - best_small)
+
     trials, kept = [], []
-    start = {"fwd": {"block_m": 32, "num_warps": 8}, "num_stages": 2, "dot16": True, "name": "x"}
-    found = sweep.coordinate_search(start, cost, float("inf"), lambda *trial: trials.append(trial), kept.append)
-    assert found == {"fwd": {"block_m": best_block, "num_warps": 8}, "num_stages": best_stages, "dot16": True,
-                     "name": "x"}
+    start = {"fwd": {"block_m": 32, "num_warps": 8}, "num_stages": 2, "block_d_small": 128, "dot16": True, "name": "x"}
+    found = sweep.coordinate_search(start, dict(train=train, decode=decode), float("inf"),
+                                    lambda *trial: trials.append(trial), kept.append)
+    assert found == {"fwd": {"block_m": best_block, "num_warps": 8}, "num_stages": best_stages,
+                     "block_d_small": best_small, "dot16": True, "name": "x"}
     assert kept[0] == start and kept[-1] == found
-    failed = [t for t in trials if t[3]]
-    assert len(failed) == 1 and failed[0][1] == ("fwd", "num_warps") and "out of resources" in failed[0][3]
+    failed = [t for t in trials if t[4]]
+    assert len(failed) == 1 and failed[0][1] == ("fwd", "num_warps") and "out of resources" in failed[0][4]
+    assert {t[2] for t in trials if t[1] == ("block_d_small",)} == {"decode"}
+    assert {t[2] for t in trials if t[1] and t[1] != ("block_d_small",)} == {"train"}
+    assert [t[2] for t in trials if t[1] is None] == ["train", "decode"]     # each best measured once
     assert start["fwd"]["block_m"] == 32                        # the caller's table is not modified
 
 

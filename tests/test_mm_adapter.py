@@ -194,16 +194,21 @@ def test_per_sample_index_equals_no_index():
        block_slice_dhw=st.sampled_from([64, 128, 256]), block_m_up=st.sampled_from([16, 32]),
        block_d_up=st.sampled_from([16, 64]), block_m_cols=st.sampled_from([16, 32]),
        block_d_cols=st.sampled_from([16, 32, 64]), block_rows=st.sampled_from([16, 64]),
-       chunk_bytes=st.sampled_from([1, 4096, 1 << 30]), waves=st.sampled_from([1, 4]), p=st.sampled_from([0.0, 0.3]))
+       chunk_bytes=st.sampled_from([1, 4096, 1 << 30]), waves=st.sampled_from([1, 4]), p=st.sampled_from([0.0, 0.3]),
+       small_rows=st.sampled_from([0, 4, 1000]), block_k_small=st.sampled_from([16, 128]),
+       block_d_small=st.sampled_from([16, 128]))
 def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidden, scale, seed, block_m, block_slice,
                                                        block_slice_dhw, block_m_up, block_d_up, block_m_cols,
-                                                       block_d_cols, block_rows, chunk_bytes, waves, p):
+                                                       block_d_cols, block_rows, chunk_bytes, waves, p, small_rows,
+                                                       block_k_small, block_d_small):
     """Block-size keys of the table as a `config=` override: slices, row groups and chunks of any
-    size (chunk_bytes 1: one block of rows per chunk)."""
+    size (chunk_bytes 1: one block of rows per chunk), and the one-launch forward for no rows,
+    a few, or every drawn shape (up to 111 rows in a 128-row block)."""
     params, routing_index, dy = make_problem(batch, tokens, dim, hidden, torch.float32, seed, index="arbitrary")
     config = dict(block_m=block_m, block_slice=block_slice, block_slice_dhw=block_slice_dhw, block_m_up=block_m_up,
                   block_d_up=block_d_up, block_m_cols=block_m_cols, block_d_cols=block_d_cols, block_rows=block_rows,
-                  chunk_bytes=chunk_bytes, waves=waves)
+                  chunk_bytes=chunk_bytes, waves=waves, small_rows=small_rows, block_k_small=block_k_small,
+                  block_d_small=block_d_small)
     y, hd, _ = kernel.mm_adapter_forward(*params.values(), routing_index, scale, p, seed, config=config)
     x, down_weight, _, up_b_weight, up_b_bias, up_d_weight, up_d_bias, routing = params.values()
     dx, d_routing, *d_weights, _, _ = kernel.mm_adapter_backward(
@@ -228,6 +233,42 @@ def test_block_size_table_covers_every_arch_and_dtype_with_the_same_keys():
     assert kernel.launch_config(x, dict(block_d_cols=32))["block_d_cols"] == 32
     with pytest.raises(ValueError, match=r"unknown config keys \['block_q'\]"):
         kernel.launch_config(x, dict(block_q=1))
+
+
+FORWARD_KERNELS = ("_down_kernel", "_hidden_kernel", "_up_kernel", "_small_kernel")
+
+
+@pytest.fixture
+def forward_launches(monkeypatch):
+    """The names of the forward kernels launched, in order (each `kernel[grid]` recorded)."""
+    launched = []
+
+    class Recorded:
+        def __init__(self, name, jitted):
+            self.name, self.jitted = name, jitted
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.jitted[grid]
+
+    for name in FORWARD_KERNELS:
+        monkeypatch.setattr(kernel, name, Recorded(name, getattr(kernel, name)))
+    return launched
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("index", ["none", "per_token", "arbitrary"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_few_rows_are_one_forward_launch_that_matches_the_reference(dtype, index, p, forward_launches):
+    """Decoding (one token per sample, M <= the table's small_rows): the forward is
+    `_small_kernel` alone, its programs each computing hd over all of d (d = 200: 4 column
+    blocks of 64 and 2 steps of 128 in the interpreter), and y and every gradient (the backward
+    replaying its dropout mask from hd's seed) match the reference."""
+    params, routing_index, dy = make_problem(3, 1, 200, 8, dtype, seed=31, index=index)
+    assert 3 <= kernel.launch_config(params["x"])["small_rows"]
+    y, grads = kernel_run(params, routing_index, dy, 0.9, p, 7)
+    assert forward_launches == ["_small_kernel"]
+    assert_matches_reference(params, routing_index, dy, 0.9, p, 7, y, grads)
 
 
 @requires_cuda
@@ -898,6 +939,19 @@ def test_torch_backend_router_is_the_float64_restatement(kind):
     torch.testing.assert_close(table, table64, rtol=1e-12, atol=1e-12)
     for name in ROUTER_NAMES:
         torch.testing.assert_close(grads[name], grads64[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind, expected", [("per_token", ["_small_kernel"]),
+                                            ("per_sample", ["_down_kernel", "_hidden_kernel", "_up_kernel"])])
+def test_a_few_rows_routed_by_the_ops_router(kind, expected, forward_launches):
+    """The router at a few rows: every row routing itself is one launch (its logits ride in the
+    pass over x, the table written by program 0); a table gathered from source rows takes the
+    three launches. Both match the float64 restatement."""
+    params, dy = router_problem(3, 1, 200, 8, torch.float32, seed=12)
+    rows, index = router_layout(kind, 3, 1)
+    y, grads, table = op_router_run(params, rows, index, dy, 2.0, 0.8, 2)
+    assert forward_launches == expected
+    assert_router_matches_the_restatement(params, rows, index, dy, 2.0, 0.8, 2, y, grads, table)
 
 
 def test_fused_router_equals_the_table_it_returns_passed_back_in():
