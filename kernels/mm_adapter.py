@@ -574,7 +574,7 @@ def _cols_kernel(
             dx = dy.to(tl.float32) + tl.dot(dh16, a)
             da_acc = tl.dot(tl.trans(dh16), x, da_acc)
             # dU takes hw = w hd (fp32) as head and tail (`_split16`): hw rounded to 16 bits
-            # exceeded 2x PyTorch's error on dU (fp16, one row).
+            # exceeded 2x PyTorch's error on dU (fp16; tests/test_mm_adapter.py holds the case).
             hw_head, hw_tail = _split16(tl.trans(hw), x_ptr.dtype.element_ty)
             du_acc = tl.dot(hw_head, dy, du_acc + tl.dot(hw_tail, dy) * (1.0 / TAIL_SCALE))
         else:
