@@ -100,6 +100,7 @@ def _cases() -> list[Case]:
                   Case(f"{model} adapter", "adapter", "eval", (4, 512, dim)),
                   Case(f"{model} adapter", "adapter", "decode", (8, 1, dim))]
         cases += [Case(f"{model} neck", "neck", phase, (4, 6, 1024, 128, out_dim)) for phase in ("train", "eval")]
+    cases.append(Case("7B adapter, batch 32", "adapter", "decode", (32, 1, 4096)))   # the one-launch path's most rows
     cases += [Case("ViT-L adapter", "adapter", phase, (32, 257, 1024)) for phase in ("train", "eval")]
     cases += [Case("7B neck, ViT batch 32", "neck", phase, (32, 6, 1024, 128, 4096)) for phase in ("train", "eval")]
     return cases

@@ -27,9 +27,10 @@ grid slices x row groups, each program holding its A slice for all its row block
 row blocks x column blocks); a few rows (at most the table's `small_rows`: decoding, one token
 per sample) take `_small_kernel` alone, one launch with no partials, each program computing hd
 for every row (the launch, not the bytes, is a decode step's cost). Backward, per chunk:
-`_dhw_kernel` (partial dy [U_0, U_1] and dy . u_e over d slices), `_dh_kernel` (dh and the per-row routing gradient), `_cols_kernel`
-(dx and per-row-group fp32 partials of dA, dU, du, da, grid column blocks x row groups); then
-once `_reduce_kernel` sums the partials into the gradients in their final layouts.
+`_dhw_kernel` (partial dy [U_0, U_1] and dy . u_e over d slices), `_dh_kernel` (dh and the
+per-row routing gradient), `_cols_kernel` (dx and per-row-group fp32 partials of dA, dU, du,
+da, grid column blocks x row groups); then once `_reduce_kernel` sums the partials into the
+gradients in their final layouts.
 
 L2 by design: the second read of x (forward, in `_up_kernel`) and of dy (backward, in
 `_cols_kernel`) follow the first read within one chunk of rows whose x (dy) is at most
@@ -91,7 +92,8 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 #   sms            SM count assumed where no device can be asked (offline compiles)
 #   dot16          16-bit MMAs on bf16/fp16 inputs (see the module docstring)
 #   small_rows     rows up to which the forward is one launch (`_small_kernel`: decoding)
-#   block_k_small, block_d_small  d columns per step of its pass over x, columns per program
+#   block_k_small, block_d_small, num_warps_small, num_stages_small  its d columns per step of
+#                  the pass over x, columns per program, warps, stages
 # Per dtype, where register pressure decides (ptxas -v, sm_80 and sm_90): _cols holds three
 # accumulators and three operand tiles (128-148 registers, no spills, at 16 x 64 in 16-bit and
 # 32 x 32 in fp32). _dhw takes 512-wide slices in 16-bit (190-226 registers, no spills), which
@@ -101,12 +103,15 @@ from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cp
 # 16-bit dtypes takes 512 on 16-bit MMAs (71-94 registers, no spills; fp16 at 128 was 1.11x the
 # floor evaluating, 512 1.04x). _up streams 64 x 128 tiles of x through two shared-memory
 # buffers: 32 KB in flight per SM in 16-bit (one block of 8 warps, 203-233 registers, no spills;
-# 32-row tiles left 16 KB).
+# 32-row tiles left 16 KB). _small_kernel at 8 and 32 rows, with the per-row router or without,
+# compiles without spills on 8 warps (120-174 registers) with 128-column steps in 16-bit and 64 in
+# fp32 (4 warps spilled up to 608 B in fp32 with the router; 128-column fp32 steps 448 B at 32 rows).
 _GPU = dict(block_m=16, block_slice=256, block_m_up=64, block_d_up=128, num_warps_up=8, block_rows=64,
-            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2, small_rows=32, block_k_small=128,
-            block_d_small=128)
-_HALF = dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512)
-_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256), float16=_HALF, bfloat16=_HALF)
+            block_reduce=1024, num_warps=4, num_warps_cols=8, num_stages=3, waves=2, small_rows=32, block_d_small=128,
+            num_warps_small=8, num_stages_small=3)
+_HALF = dict(block_m_cols=16, block_d_cols=64, block_slice=512, block_slice_dhw=512, block_k_small=128)
+_PER_DTYPE = dict(float32=dict(block_m_cols=32, block_d_cols=32, block_slice_dhw=256, block_k_small=64), float16=_HALF,
+                  bfloat16=_HALF)
 BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
     **{(arch, dtype): dict(_GPU, **own, chunk_bytes=8 << 20, sms=sms, dot16=dtype != "float32")
        for arch, sms in (("sm90", 132), ("sm80", 108)) for dtype, own in _PER_DTYPE.items()},
@@ -115,7 +120,8 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
     **{("interpreter", dtype): dict(block_m=16, block_slice=128, block_slice_dhw=128, block_m_up=16, block_d_up=128,
                                     num_warps_up=4, block_m_cols=16, block_d_cols=128, block_rows=32, block_reduce=1024,
                                     num_warps=4, num_warps_cols=4, num_stages=3, waves=1, chunk_bytes=128 << 10, sms=4,
-                                    dot16=dtype != "float32", small_rows=4, block_k_small=128, block_d_small=64)
+                                    dot16=dtype != "float32", small_rows=4, block_k_small=128, block_d_small=64,
+                                    num_warps_small=4, num_stages_small=3)
        for dtype in _PER_DTYPE},
 }
 
@@ -128,8 +134,9 @@ BLOCK_CONFIGS: dict[tuple[str, str], dict] = {
 def _dropout_multiplier(seed, rows, units, hidden, p):
     """Dropout factor of h[rows, units] (0 or 1/(1-p)): Philox at offset row * hidden + unit.
 
-    The single definition of the mask: `_hidden_kernel` and `_dh_kernel` draw it here, and so
-    does `dropout_mask`, so the backward replays the forward's mask."""
+    The single definition of the mask: `_hidden_kernel`, `_small_kernel` (through `_hidden_units`)
+    and `_dh_kernel` draw it here, and so does `dropout_mask`, so the backward replays the
+    forward's mask."""
     offsets = rows[:, None] * hidden + units[None, :]
     keep = tl.rand(seed, offsets) >= p
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
@@ -373,8 +380,8 @@ def _small_kernel(
     HBM bytes: x read once (M d e; its second read, and every other program's, from L2), y
     written (M d e), the weights once (4 (W d + 2 d r/g + 2 d + r), W = r, + 2 with the router),
     hd (4 M r), the table (8 M): no partials. L2 reads: each program M d e + 4 W d, 192 KB at 7B
-    bf16 decode (M = 8), ~2 us at an SM's ~100 GB/s from L2 (a model: the sweep's "*small*"
-    settings are timed at decode)."""
+    bf16 decode (M = 8), 2-5 us at an SM's share of L2 bandwidth (40-100 GB/s; a model: the
+    sweep times the "*small*" settings at decode)."""
     scale = tl.cast(scale, tl.float32)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
@@ -829,7 +836,7 @@ def mm_adapter_forward(
     dropped); up_b_bias, up_d_bias [d]; routing [T, 2] read by row (b, n) at
     routing_index[b, n] (int [B, N]), or [B, 2] read at b (routing_index None); or routing
     None and `router` (see `Router`): the table computed here, its logits in `_down_kernel`'s
-    pass over x, its softmax in `_hidden_kernel`.
+    pass over x, its softmax in `_hidden_kernel` (both in `_small_kernel` for a few rows).
     Returns y [B, N, d] in x's dtype, hd [B, N, r] fp32 (the hidden state after dropout) and
     the routing table used ([T, 2] fp32 with the router, else `routing` itself).
     `config` overrides `BLOCK_CONFIGS` keys (benchmarks sweep them). M = B N up to the table's
@@ -887,7 +894,7 @@ def mm_adapter_forward(
             TABLE_ROW=_table_row(routing_index, router), HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_K=cfg["block_k_small"],
             BLOCK_D=cfg["block_d_small"], R_PAD=r_pad, DOT16=dot16, PRECISION=precision,
-            NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+            NUM_STAGES=cfg["num_stages_small"], num_warps=cfg["num_warps_small"],
         )
         return y, hd, table
     width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
