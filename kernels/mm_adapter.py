@@ -72,6 +72,7 @@ from torch import Tensor
 from lavin_fast import native, reference
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
+from lavin_fast.kernels._ints import cdiv, next_power_of_2
 from lavin_fast.backend import KERNEL_DTYPES, check_once, check_router_order, cpu_runs_native
 
 # Block sizes per (GPU arch, x's dtype). Untimed (no GPU has run them yet): chosen offline so
@@ -698,13 +699,13 @@ def _precision(dtype: torch.dtype) -> str:
 def _pads(hidden: int, router: bool = False) -> tuple[int, int]:
     """(R_PAD, K_PAD): the hidden axis (with the router's four units after it, see
     `_down_kernel`) and the doubled (routed) axis, padded for tl.dot (>= 16)."""
-    return max(16, triton.next_power_of_2(hidden + 4 * router)), max(16, triton.next_power_of_2(2 * hidden))
+    return max(16, next_power_of_2(hidden + 4 * router)), max(16, next_power_of_2(2 * hidden))
 
 
 def _slices(dim: int, row_blocks: int, width: int, programs: int) -> int:
     """d slice width of `_down_kernel` / `_dhw_kernel`: the table's `width`, halved (down to 64)
     while the row blocks are too few to fill `programs` programs: the decode path splits d."""
-    while width > 64 and triton.cdiv(dim, width) * row_blocks < programs:
+    while width > 64 and cdiv(dim, width) * row_blocks < programs:
         width //= 2
     return width
 
@@ -712,8 +713,8 @@ def _slices(dim: int, row_blocks: int, width: int, programs: int) -> int:
 def _groups(blocks: int, other_axis: int, programs: int) -> tuple[int, int]:
     """(groups, blocks per group): `blocks` row blocks split so that groups x the other grid
     axis (of size other_axis) reaches `programs` programs, no group empty."""
-    per_group = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(programs, other_axis))))
-    return triton.cdiv(blocks, per_group), per_group
+    per_group = cdiv(blocks, max(1, min(blocks, cdiv(programs, other_axis))))
+    return cdiv(blocks, per_group), per_group
 
 
 def _chunks(rows: int, dim: int, element_size: int, config: dict) -> list[tuple[int, int]]:
@@ -722,7 +723,7 @@ def _chunks(rows: int, dim: int, element_size: int, config: dict) -> list[tuple[
     blocks of every kernel."""
     align = max(config["block_m"], config["block_m_up"], config["block_m_cols"], config["block_rows"])
     most = max(align, config["chunk_bytes"] // (dim * element_size) // align * align)
-    size = triton.cdiv(triton.cdiv(rows, triton.cdiv(rows, most)), align) * align
+    size = cdiv(cdiv(rows, cdiv(rows, most)), align) * align
     return [(row0, min(row0 + size, rows)) for row0 in range(0, rows, size)]
 
 
@@ -768,7 +769,7 @@ def _check(x: Tensor, a_weight: Tensor, a_bias: Tensor | None, b_weight: Tensor,
             raise ValueError(f"{op}: routing_index is on {routing_index.device} but x is on {x.device}")
     if not x.is_cuda and not _target.interpreting():
         raise RuntimeError(f"{op}: tensors on {x.device} need a CUDA device or TRITON_INTERPRET=1")
-    if dim == 0 or batch * tokens * (2 * hidden + 2) * triton.cdiv(dim, 64) >= 2**31:
+    if dim == 0 or batch * tokens * (2 * hidden + 2) * cdiv(dim, 64) >= 2**31:
         raise ValueError(f"{op}: need dim > 0 and batch * tokens * (2 hidden + 2) * cdiv(dim, 64) < 2**31 "
                          f"(int32 offsets of the row-wise buffers), got x {tuple(x.shape)}, hidden {hidden}")
     return batch, tokens, dim, hidden, per_group
@@ -886,22 +887,22 @@ def mm_adapter_forward(
     dot16, precision = cfg["dot16"] and x.dtype != torch.float32, _precision(x.dtype)
     d_group = dim // (hidden // per_group)
     if rows <= cfg["small_rows"] and not (has_router and router.rows is not None):
-        _small_kernel[(triton.cdiv(dim, cfg["block_d_small"]),)](
+        _small_kernel[(cdiv(dim, cfg["block_d_small"]),)](
             x, down_weight, down_bias, router_weight, router_bias, table, index, *weights, hd, y,
             rows, tokens, dim, hidden, d_group, per_group, table_rows,
             x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_in, table.stride(0), table.stride(1),
             float(scale), float(dropout_p), seed_t, inv_temperature,
             TABLE_ROW=_table_row(routing_index, router), HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_K=cfg["block_k_small"],
+            BLOCK_M=max(16, next_power_of_2(rows)), BLOCK_K=cfg["block_k_small"],
             BLOCK_D=cfg["block_d_small"], R_PAD=r_pad, DOT16=dot16, PRECISION=precision,
             NUM_STAGES=cfg["num_stages_small"], num_warps=cfg["num_warps_small"],
         )
         return y, hd, table
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
-    slices = triton.cdiv(dim, width)
+    width = _slices(dim, cdiv(rows, cfg["block_m"]), cfg["block_slice"], programs)
+    slices = cdiv(dim, width)
     part_width = hidden + 4 * has_router
     part = empty((rows, slices, part_width), torch.float32, x.device)
-    col_blocks = triton.cdiv(dim, cfg["block_d_up"])
+    col_blocks = cdiv(dim, cfg["block_d_up"])
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     chunks = _chunks(rows, dim, x.element_size(), cfg)
     if has_router and router.rows is not None and len(chunks) > 1:
@@ -909,14 +910,14 @@ def mm_adapter_forward(
                    lambda: check_router_order("mm_adapter kernel", router.rows, routing_index, tokens),
                    related=routing_index)
     for row0, row1 in chunks:
-        groups, per_group_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
+        groups, per_group_blocks = _groups(cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _down_kernel[(slices, groups)](
             x, down_weight, router_weight, part, row0, row1, tokens, dim, hidden, part_width, per_group_blocks,
             x.stride(0), x.stride(1), x.stride(2),
             HAS_ROUTER=has_router, BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, R_PAD=r_pad,
             DOT16=dot16, PRECISION=precision, **streaming,
         )
-        _hidden_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
+        _hidden_kernel[(cdiv(row1 - row0, cfg["block_rows"]),)](
             part, down_bias, router_bias, hd, row_probs, row0, row1, hidden, part_width, slices,
             float(dropout_p), seed_t, inv_temperature,
             HAS_ROUTER=has_router, HAS_DROPOUT=dropout_p > 0, BLOCK_ROWS=cfg["block_rows"], R_PAD=r_pad,
@@ -925,7 +926,7 @@ def mm_adapter_forward(
             # Table rows whose source lies in a later chunk read rows not computed yet: never
             # read before a later chunk gathers them again (the order checked above).
             torch.index_select(row_probs, 0, router.rows, out=table)
-        up_groups, up_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
+        up_groups, up_blocks = _groups(cdiv(row1 - row0, cfg["block_m_up"]), col_blocks, programs)
         _up_kernel[(col_blocks, up_groups)](
             x, table, index, hd, *weights, y,
             row0, row1, tokens, dim, hidden, d_group, per_group, table_rows, up_blocks,
@@ -999,12 +1000,12 @@ def mm_adapter_backward(
     seed_t = _seed_tensor(seed, device) if dropout_p > 0 else x                    # x: never read
     has_dropout = dropout_p > 0
     d_group = dim // (hidden // per_group)
-    width = _slices(dim, triton.cdiv(rows, cfg["block_m"]), cfg["block_slice_dhw"], programs)
-    slices = triton.cdiv(dim, width)
-    col_blocks = triton.cdiv(dim, cfg["block_d_cols"])
+    width = _slices(dim, cdiv(rows, cfg["block_m"]), cfg["block_slice_dhw"], programs)
+    slices = cdiv(dim, width)
+    col_blocks = cdiv(dim, cfg["block_d_cols"])
     chunks = _chunks(rows, dim, dy.element_size(), cfg)
     # One wave of `_cols_kernel` per chunk: its programs each write a row of partials.
-    col_groups = [_groups(triton.cdiv(row1 - row0, cfg["block_m_cols"]), col_blocks, sms) for row0, row1 in chunks]
+    col_groups = [_groups(cdiv(row1 - row0, cfg["block_m_cols"]), col_blocks, sms) for row0, row1 in chunks]
     part_dhw = empty((rows, slices, 2 * hidden + 2), torch.float32, device)
     dh = empty((rows, hidden), torch.float32, device)
     dw_rows = empty((rows, 2), torch.float32, device)
@@ -1013,14 +1014,14 @@ def mm_adapter_backward(
     streaming = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     group0 = 0
     for (row0, row1), (groups, per_group_blocks) in zip(chunks, col_groups):
-        slice_groups, slice_blocks = _groups(triton.cdiv(row1 - row0, cfg["block_m"]), slices, programs)
+        slice_groups, slice_blocks = _groups(cdiv(row1 - row0, cfg["block_m"]), slices, programs)
         _dhw_kernel[(slices, slice_groups)](
             dy, b_weight, d_weight, b_bias, d_bias, part_dhw,
             row0, row1, tokens, dim, hidden, d_group, per_group, slice_blocks,
             dy.stride(0), dy.stride(1), dy.stride(2),
             BLOCK_M=cfg["block_m"], BLOCK_SLICE=width, K_PAD=k_pad, DOT16=dot16, PRECISION=precision, **streaming,
         )
-        _dh_kernel[(triton.cdiv(row1 - row0, cfg["block_rows"]),)](
+        _dh_kernel[(cdiv(row1 - row0, cfg["block_rows"]),)](
             part_dhw, routing, index, hd, dh, dw_rows, dlog_rows,
             row0, row1, tokens, hidden, slices, routing.shape[0], stride_ib, stride_in,
             routing.stride(0), routing.stride(1), float(scale), float(dropout_p), seed_t, inv_temperature,
@@ -1038,7 +1039,7 @@ def mm_adapter_backward(
         )
         group0 += groups
     grads = _gradient_buffers(hidden, dim, per_group, device, fused_router)
-    _reduce_kernel[(triton.cdiv(total, cfg["block_reduce"]),)](
+    _reduce_kernel[(cdiv(total, cfg["block_reduce"]),)](
         part, *grads[:6], *(grads[6:] if fused_router else (part, part)), group0, total, hidden, dim, per_group,
         HAS_ROUTER=fused_router, BLOCK=cfg["block_reduce"])
     if table_row == BY_ROW.value:
@@ -1094,8 +1095,8 @@ def dropout_mask(seed: int | Tensor, batch: int, tokens: int, hidden: int, p: fl
     out = empty((batch, tokens, hidden), torch.float32, torch.device(device))
     if rows:
         block_m = 64
-        _dropout_mask_kernel[(triton.cdiv(rows, block_m),)](
-            out, rows, hidden, float(p), _seed_tensor(seed, out.device), BLOCK_M=block_m, R_PAD=triton.next_power_of_2(hidden))
+        _dropout_mask_kernel[(cdiv(rows, block_m),)](
+            out, rows, hidden, float(p), _seed_tensor(seed, out.device), BLOCK_M=block_m, R_PAD=next_power_of_2(hidden))
     return out
 
 

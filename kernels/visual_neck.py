@@ -57,6 +57,7 @@ from torch import Tensor
 from lavin_fast import native
 from lavin_fast.kernels import _target
 from lavin_fast.kernels._alloc import empty
+from lavin_fast.kernels._ints import cdiv, next_power_of_2
 from lavin_fast.backend import KERNEL_DTYPES, cpu_runs_native
 
 ACTIVATIONS = ("silu", "swiglu")
@@ -352,7 +353,7 @@ def _block_sizes(x: Tensor, rows: int, block_m: int | None, block_n: int | None,
     `_bwd_dh` split their reduction on top (see `_splits`)."""
     small = _target.arch(x.device) == "interpreter"
     blocks = dict(
-        block_m=block_m or (min(32, max(16, triton.next_power_of_2(rows))) if small else 16),
+        block_m=block_m or (min(32, max(16, next_power_of_2(rows))) if small else 16),
         block_n=block_n or (32 if small else 128),
         block_h=block_h or (32 if small else 16),
         block_k=block_k or 32,
@@ -371,10 +372,10 @@ def _splits(x: Tensor, tiles: int, length: int, block: int, splits: int | None) 
         raise ValueError(f"visual_neck kernel: split_k / split_n must be >= 1, got {splits}")
     if splits is None:
         sms = _target.sm_count(x.device, _target.DEFAULT_SMS.get(_target.arch(x.device), 1))
-        splits = triton.cdiv(sms, tiles)
-    splits = max(1, min(splits, triton.cdiv(length, block)))
-    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
-    return triton.cdiv(length, per_split), per_split
+        splits = cdiv(sms, tiles)
+    splits = max(1, min(splits, cdiv(length, block)))
+    per_split = cdiv(cdiv(length, splits), block) * block
+    return cdiv(length, per_split), per_split
 
 
 def _check(x: Tensor, in_weight: Tensor, out_weight: Tensor, activation: str, in_bias: Tensor | None = None,
@@ -442,7 +443,7 @@ def visual_neck_forward(
     precision = _precision(x.dtype, precision)
     x2 = x.reshape(rows, d_in)
     in_bias = in_bias.contiguous()
-    tiles = (triton.cdiv(rows, block_m), triton.cdiv(in_rows, block_h))
+    tiles = (cdiv(rows, block_m), cdiv(in_rows, block_h))
     splits, k_per_split = _splits(x, tiles[0] * tiles[1], d_in, block_k, split_k)
     out = pre if splits == 1 else empty((splits, rows, in_rows), torch.float32, x.device)
     _fwd_pre_kernel[(*tiles, splits)](
@@ -453,9 +454,9 @@ def visual_neck_forward(
     )
     if splits > 1:
         block_e = 1024
-        _fwd_pre_sum_kernel[(triton.cdiv(rows * in_rows, block_e),)](
+        _fwd_pre_sum_kernel[(cdiv(rows * in_rows, block_e),)](
             out, in_bias, pre, rows, in_rows, splits, BLOCK_E=block_e, num_warps=num_warps)
-    _fwd_out_kernel[(triton.cdiv(rows, block_m), triton.cdiv(d_out, block_n))](
+    _fwd_out_kernel[(cdiv(rows, block_m), cdiv(d_out, block_n))](
         pre, out_weight.contiguous(), out_bias.contiguous(), y,
         rows, hidden, d_out,
         SWIGLU=activation == "swiglu", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
@@ -512,14 +513,14 @@ def visual_neck_backward(
 
     d_out_weight = empty((d_out, hidden), torch.float32, device)
     d_out_bias = empty((d_out,), torch.float32, device)
-    _bwd_out_kernel[(triton.cdiv(d_out, block_n), triton.cdiv(hidden, block_h))](
+    _bwd_out_kernel[(cdiv(d_out, block_n), cdiv(hidden, block_h))](
         dy2, pre, d_out_weight, d_out_bias,
         rows, hidden, d_out, dy2.stride(0), dy2.stride(1),
         SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, PRECISION=precision,
         num_warps=num_warps,
     )
     dpre = empty((rows, in_rows), torch.float32, device)
-    tiles = (triton.cdiv(rows, block_m), triton.cdiv(hidden, block_h))
+    tiles = (cdiv(rows, block_m), cdiv(hidden, block_h))
     splits, n_per_split = _splits(x, tiles[0] * tiles[1], d_out, block_n, split_n)
     out = dpre if splits == 1 else empty((splits, rows, hidden), torch.float32, device)
     _bwd_dh_kernel[(*tiles, splits)](
@@ -529,16 +530,16 @@ def visual_neck_backward(
         PRECISION=precision, num_warps=num_warps,
     )
     if splits > 1:
-        _bwd_dpre_kernel[(triton.cdiv(rows * hidden, block_e),)](
+        _bwd_dpre_kernel[(cdiv(rows * hidden, block_e),)](
             out, pre, dpre, rows, hidden, splits, SWIGLU=swiglu, BLOCK_E=block_e, num_warps=num_warps,
         )
-    _bwd_dx_kernel[(triton.cdiv(rows, block_m), triton.cdiv(d_in, block_k))](
+    _bwd_dx_kernel[(cdiv(rows, block_m), cdiv(d_in, block_k))](
         dpre, in_weight, dx, rows, d_in, in_rows,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, PRECISION=precision, num_warps=num_warps,
     )
     d_in_weight = empty((in_rows, d_in), torch.float32, device)
     d_in_bias = empty((in_rows,), torch.float32, device)
-    _bwd_in_kernel[(triton.cdiv(in_rows, block_h), triton.cdiv(d_in, block_k))](
+    _bwd_in_kernel[(cdiv(in_rows, block_h), cdiv(d_in, block_k))](
         dpre, x2, d_in_weight, d_in_bias, rows, d_in, in_rows, x2.stride(0), x2.stride(1),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_H=block_h, PRECISION=precision, num_warps=num_warps,
     )

@@ -227,6 +227,19 @@ def test_kernel_launches_are_right_for_any_block_sizes(batch, tokens, dim, hidde
     assert_matches_reference(params, routing_index, dy, scale, p, seed, y, grads)
 
 
+def test_host_integer_helpers_equal_tritons():
+    """The launch arithmetic's plain-Python cdiv and next_power_of_2 (kernels/_ints.py, for speed)
+    give Triton's values."""
+    import triton
+
+    from lavin_fast.kernels import _ints
+    for n in range(1, 3000):
+        assert _ints.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128, 257):
+            assert _ints.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _ints.cdiv(0, 7) == 0 and _ints.next_power_of_2(2**40 + 1) == 2**41
+
+
 def test_block_size_table_covers_every_arch_and_dtype_with_the_same_keys():
     keys = {tuple(sorted(config)) for config in kernel.BLOCK_CONFIGS.values()}
     assert len(keys) == 1
