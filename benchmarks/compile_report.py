@@ -30,8 +30,8 @@ the buffers of each pipelined load from the TTGIR (`ttg.local_alloc` of N x tile
   MM-Adapter 2 M d e forward and 3 M d e backward (e = x's element size); neck M (d_in + d_out) e
   + weights forward, M (2 d_in + d_out) e + 2 x weights backward. The adapter's floor leaves out
   its weights (0.3 MB fp32 at 7B: under 1% of a training call's bytes, over twice a bf16 decode
-  step's x and y), so a second floor adds them as the neck's does (`floor_with_weights`: the parameters
-  the call uses read forward, read and their gradients written backward).
+  step's x and y), so a second floor adds them as the neck's does (`floor_with_weights`: the
+  parameters the call uses read forward, read and their gradients written backward).
 
     python benchmarks/compile_report.py --arch 90 [--arch 80] [--dtypes bf16,fp16,fp32] [--out DIR]
 """

@@ -100,9 +100,9 @@ def coordinate_search(start: Config, costs: dict[str, Callable[[Config], float]]
                       record: Callable[[Config, tuple | None, str, float | None, str], None],
                       keep: Callable[[Config], None]) -> Config:
     """One pass over the settings of `start`: each moved to its neighbours, kept where its
-    workload's cost (`workload`; seconds, lower is better) drops. `costs` maps workloads to
-    cost functions (a workload without one judges with "train"'s); a cost raising marks a
-    setting that does not work there. Stops at `deadline` (time.monotonic()).
+    workload's cost (`workload`; seconds, lower is better) drops. `costs` maps each workload,
+    "train" and "decode", to its cost function; a cost raising marks a setting that does not
+    work there. Stops at `deadline` (time.monotonic()).
     `record(config, path, workload, cost, error)` sees every trial and every measurement of
     the best (path None), `keep(config)` every new best (the start first)."""
     best = start
@@ -117,7 +117,7 @@ def coordinate_search(start: Config, costs: dict[str, Callable[[Config], float]]
     best_cost("train")
     keep(best)
     for path, _ in list(_leaves(start)):
-        name = workload(path) if workload(path) in costs else "train"
+        name = workload(path)
         node = best
         for key in path:
             node = node[key]
